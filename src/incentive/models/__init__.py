@@ -1,0 +1,5 @@
+"""Model and tokenizer loading: the embedded default, a tiny random test model, any local/HF model."""
+
+from incentive.models.loading import ModelLoadError, load_model, load_tokenizer
+
+__all__ = ["ModelLoadError", "load_model", "load_tokenizer"]

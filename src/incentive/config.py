@@ -1,0 +1,181 @@
+"""Typed run configuration. Unknown keys are errors; YAML recipes plus ``--set a.b=c`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from incentive.data.config import DataConfig
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys fail, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Strict):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelConfig(Strict):
+    name: str = "embedded"
+    lora: LoraConfig | None = None
+
+
+class TemplateConfig(Strict):
+    name: str = "think-answer"
+    think_tag: str = "think"
+    answer_tag: str = "answer"
+    system: str | None = None
+    chat_template: bool = True
+
+
+class GenerationConfig(Strict):
+    num_generations: int = Field(4, ge=1, description="G: completions per prompt")
+    prompts_per_step: int = Field(4, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class RewardConfig(Strict):
+    name: str
+    weight: float = 1.0
+    args: dict[str, Any] = {}
+
+
+class AdvantageConfig(Strict):
+    name: str = "grpo"
+    args: dict[str, Any] = {}
+
+
+class LossConfig(Strict):
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_beta: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_reference: Literal["initial", "proxy"] = "initial"
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "constant"] = "token-mean"
+    constant_normaliser: float | None = Field(None, gt=0, description="default: generation.max_new_tokens")
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+
+
+class RLConfig(Strict):
+    steps: int = Field(0, ge=0)
+    num_iterations: int = Field(1, ge=1, description="optimisation passes over each rollout batch")
+    micro_batch_tokens: int = Field(2048, ge=16, description="token budget of one forward/backward chunk")
+    skip_zero_advantage: bool = True
+    max_failed_share: float = Field(0.5, ge=0, le=1)
+
+
+class SFTConfig(Strict):
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    data: DataConfig | None = None
+
+
+class ProxyConfig(Strict):
+    """NOVER's proxy: a lagging EMA copy of the policy (``sync_every: 0`` keeps it frozen)."""
+
+    enabled: bool = False
+    sync_every: int = Field(0, ge=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    lora_sync: Literal["factors", "exact"] = "factors"
+
+
+class EvalConfig(Strict):
+    data: DataConfig | None = None
+    every: int = Field(0, ge=0, description="evaluate during RL every N steps (0: only at stage ends)")
+    samples: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    max_new_tokens: int | None = None
+    batch_size: int = Field(32, ge=1)
+
+
+class RunConfig(Strict):
+    output_dir: str = "runs"
+    name: str | None = None
+    seed: int = 0
+    threads: int | None = None
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end of each stage")
+    keep_last: int = Field(2, ge=1)
+
+
+class Recipe(Strict):
+    """A whole run. ``description`` is what ``incentive recipes`` prints."""
+
+    description: str = ""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    template: TemplateConfig = TemplateConfig()
+    generation: GenerationConfig = GenerationConfig()
+    rewards: list[RewardConfig] = [RewardConfig(name="format"), RewardConfig(name="verifier")]
+    advantage: AdvantageConfig = AdvantageConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    rl: RLConfig = RLConfig()
+    sft: SFTConfig = SFTConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.loss.kl_reference == "proxy" and not self.proxy.enabled:
+            raise ValueError("loss.kl_reference is 'proxy' but proxy.enabled is false")
+        return self
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used, with the file and the offending keys."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` → (["a", "b"], c) with c parsed as YAML (numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply overrides, validate everything (before any model is loaded)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"recipe {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    for text in overrides or []:
+        apply_override(tree, *parse_override(text))
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: invalid recipe\n{err}") from err

@@ -1,0 +1,300 @@
+"""A run: validate the recipe, then base eval → SFT → eval → RL → eval, with checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from incentive.advantages import ADVANTAGES
+from incentive.config import ConfigError, Recipe
+from incentive.data import DataConfig, Example, load_examples, sft_pairs
+from incentive.engines.hf import HFEngine, SamplingParams
+from incentive.evaluation import evaluate
+from incentive.losses import PolicyLoss
+from incentive.models import load_tokenizer
+from incentive.rewards import REWARDS  # noqa: F401  (registers the built-in rewards)
+from incentive.rewards.pipeline import RewardPipeline
+from incentive.scorer import ModelScorer
+from incentive.templates import TEMPLATES, TagFormat, Template
+from incentive.training.checkpoint import Checkpoints, set_rng_state
+from incentive.training.metrics import MetricsLog
+from incentive.training.optim import build_optimizer, build_scheduler
+from incentive.training.policy import build_policy, is_lora, load_policy_weights, trainable_parameters
+from incentive.training.rl import RLParts, RLTrainer
+from incentive.training.sampler import EpochSampler
+from incentive.training.sft import SFTTrainer
+
+STAGES = ("sft", "rl")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue, with what to do about it."""
+
+
+def build_template(recipe: Recipe) -> Template:
+    cfg = recipe.template
+    tags = TagFormat(cfg.think_tag, cfg.answer_tag)
+    return TEMPLATES.get(cfg.name)(tags, system=cfg.system, use_chat_template=cfg.chat_template)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """Owns the run folder: resolved config, metrics.jsonl, evals, checkpoints."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
+        self.recipe = recipe
+        self.dir = run_dir
+        self.resume = resume
+        if recipe.rl.steps == 0 and recipe.sft.steps == 0:
+            raise ConfigError("nothing to train: rl.steps and sft.steps are both 0")
+        # Everything that can be checked without a model is checked now, before minutes of loading.
+        self.rewards = RewardPipeline(recipe.rewards)
+        self.estimator = ADVANTAGES.get(recipe.advantage.name)(**recipe.advantage.args)
+        self.template = build_template(recipe)
+        self.train_examples = self._load(recipe.data, "data")
+        self.eval_examples = self._load(recipe.eval.data, "eval.data") if recipe.eval.data else []
+        sft_data = recipe.sft.data or recipe.data
+        self.sft_examples = self._load(sft_data, "sft.data") if recipe.sft.steps else []
+        self.sft_targets = sft_pairs(self.sft_examples, self.template.tags) if self.sft_examples else []
+        self._prepare_dir(overwrite)
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl")
+        self.checkpoints = Checkpoints(self.dir / "checkpoints", recipe.run.keep_last)
+
+    @staticmethod
+    def _load(cfg: DataConfig, name: str) -> list[Example]:
+        result = load_examples(cfg)
+        if result.skipped:
+            print(f"[incentive] {name}: skipped {len(result.skipped)} bad rows, e.g. {result.skipped[0]}")
+        return result.examples
+
+    def _prepare_dir(self, overwrite: bool) -> None:
+        config_file = self.dir / "config.yaml"
+        if self.dir.exists() and any(self.dir.iterdir()) and not self.resume:
+            if not overwrite:
+                raise RunError(
+                    f"{self.dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                    "or choose another --run-dir"
+                )
+            shutil.rmtree(self.dir)
+        if self.resume and not config_file.exists():
+            raise RunError(f"--resume: {self.dir} holds no run to resume")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+
+    # -- state shared across stages -------------------------------------------------------------------------
+    def _evals(self) -> dict[str, Any]:
+        path = self.dir / "evals.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _save_eval(self, key: str, result: dict[str, Any]) -> None:
+        evals = self._evals()
+        evals[key] = result
+        tmp = self.dir / "evals.json.tmp"
+        tmp.write_text(json.dumps(evals, indent=2))
+        tmp.replace(self.dir / "evals.json")
+
+    def _eval(self, key: str, policy: PreTrainedModel, tokenizer: Any) -> dict[str, Any] | None:
+        if not self.eval_examples:
+            return None
+        done = self._evals()
+        if key in done:
+            return done[key]
+        cfg = self.recipe.eval
+        params = SamplingParams(
+            cfg.samples, cfg.max_new_tokens or self.recipe.generation.max_new_tokens, cfg.temperature
+        )
+        start = time.perf_counter()
+        with torch.random.fork_rng():
+            torch.manual_seed(self.recipe.run.seed + 7919)
+            result = evaluate(policy, tokenizer, self.template, self.eval_examples, params, cfg.batch_size)
+        result["seconds"] = time.perf_counter() - start
+        self._save_eval(key, result)
+        print(
+            f"[eval {key}] accuracy {result['accuracy']:.1%}  format {result['format_rate']:.1%}  "
+            f"mean length {result['length_mean']:.1f} tokens  ({result['n']} completions, {result['seconds']:.0f} s)"
+        )
+        return result
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    def execute(self) -> dict[str, Any]:
+        recipe = self.recipe
+        if recipe.run.threads:
+            torch.set_num_threads(recipe.run.threads)
+        seed_everything(recipe.run.seed)
+        tokenizer = load_tokenizer(recipe.model.name)
+        policy = build_policy(recipe.model)
+        ckpt = self.checkpoints.latest() if self.resume else None
+        state = self.checkpoints.load_state(ckpt) if ckpt else None
+        if ckpt is not None:
+            load_policy_weights(policy, ckpt / "policy")
+            print(f"[incentive] resuming from {ckpt.name}")
+        resumed_stage = state["stage"] if state else None
+
+        self._eval("base", policy, tokenizer)
+        if recipe.sft.steps and resumed_stage != "rl":
+            self._run_sft(policy, tokenizer, state if resumed_stage == "sft" else None)
+            self._eval("sft", policy, tokenizer)
+        if recipe.rl.steps:
+            self._run_rl(policy, tokenizer, state if resumed_stage == "rl" else None)
+            self._eval("rl", policy, tokenizer)
+        evals = self._evals()
+        summary = {k: {m: v[m] for m in ("accuracy", "format_rate", "length_mean")} for k, v in evals.items()}
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _save(self, stage: str, step: int, policy: PreTrainedModel, state: dict[str, Any]) -> None:
+        self.checkpoints.save(stage, step, policy, state)
+
+    def _run_sft(self, policy: PreTrainedModel, tokenizer: Any, state: dict[str, Any] | None) -> None:
+        cfg, recipe = self.recipe.sft, self.recipe
+        optimizer = build_optimizer(trainable_parameters(policy), recipe.optim, lr=cfg.lr)
+        scheduler = build_scheduler(optimizer, recipe.optim.model_copy(update={"schedule": "constant"}), cfg.steps)
+        pairs = [(self.template.render(e, tokenizer), target) for e, target in self.sft_targets]
+        trainer = SFTTrainer(
+            policy, tokenizer, pairs, cfg.batch_size, optimizer, scheduler, recipe.run.seed,
+            recipe.rl.micro_batch_tokens, recipe.optim.max_grad_norm,
+        )
+        start = 0
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            trainer.sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"])
+            start = state["step"]
+        self.metrics.truncate_after("sft", start)
+
+        def snapshot() -> dict[str, Any]:
+            return {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": trainer.sampler.state_dict(),
+            }
+
+        with tqdm(range(start + 1, cfg.steps + 1), desc="SFT", unit="step", initial=start, total=cfg.steps) as bar:
+            for step in bar:
+                record = trainer.step(step)
+                self.metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if self._due(step, cfg.steps):
+                    self._save("sft", step, policy, snapshot())
+
+    def _due(self, step: int, last: int) -> bool:
+        every = self.recipe.run.checkpoint_every
+        return step == last or bool(every and step % every == 0)
+
+    def _run_rl(self, policy: PreTrainedModel, tokenizer: Any, state: dict[str, Any] | None) -> None:
+        recipe = self.recipe
+        optimizer = build_optimizer(trainable_parameters(policy), recipe.optim)
+        scheduler = build_scheduler(optimizer, recipe.optim, recipe.rl.steps)
+        proxy = self._build_proxy(policy)
+        views: dict[str, Any] = {"policy": _view(policy)}
+        if proxy is not None:
+            views["proxy"] = proxy.view
+        reference = self._build_reference(policy, proxy)
+        loss_cfg = recipe.loss
+        parts = RLParts(
+            policy=policy,
+            tokenizer=tokenizer,
+            template=self.template,
+            engine=HFEngine(policy, tokenizer),
+            rewards=self.rewards,
+            estimator=self.estimator,
+            loss=PolicyLoss(
+                loss_cfg.eps_low, loss_cfg.eps_high, loss_cfg.kl_beta, loss_cfg.kl_estimator, loss_cfg.aggregation,
+                loss_cfg.constant_normaliser or float(recipe.generation.max_new_tokens),
+            ),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            sampler=EpochSampler(self.train_examples, recipe.run.seed),
+            scorer=ModelScorer(views, recipe.rl.micro_batch_tokens),
+            reference=reference,
+        )
+        trainer = RLTrainer(recipe, parts)
+        start = 0
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            parts.sampler.load_state_dict(state["sampler"])
+            trainer.group_counter = state["group_counter"]
+            if proxy is not None:
+                proxy.load_state_dict(state["proxy"])
+            set_rng_state(state["rng"])
+            start = state["step"]
+        self.metrics.truncate_after("rl", start)
+
+        def snapshot() -> dict[str, Any]:
+            return {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": parts.sampler.state_dict(),
+                "group_counter": trainer.group_counter,
+                "proxy": proxy.state_dict() if proxy is not None else None,
+            }
+
+        steps = recipe.rl.steps
+        with tqdm(range(start + 1, steps + 1), desc="RL", unit="step", initial=start, total=steps) as bar:
+            for step in bar:
+                record = trainer.step(step)
+                if proxy is not None and recipe.proxy.sync_every and step % recipe.proxy.sync_every == 0:
+                    proxy.sync(recipe.proxy.alpha)
+                    record["proxy/synced"] = 1
+                if recipe.eval.every and step % recipe.eval.every == 0 and step != steps:
+                    result = self._eval(f"rl-step{step}", policy, tokenizer)
+                    if result:
+                        record["eval/accuracy"] = result["accuracy"]
+                self.metrics.write(record)
+                bar.set_postfix(
+                    reward=f"{record.get('reward/mean', float('nan')):.3f}",
+                    len=f"{record.get('length/mean', 0):.0f}",
+                )
+                if self._due(step, steps):
+                    self._save("rl", step, policy, snapshot())
+
+    def _build_proxy(self, policy: PreTrainedModel) -> Any:
+        if not self.recipe.proxy.enabled:
+            return None
+        from incentive.proxy import make_proxy
+
+        cfg = self.recipe.proxy
+        return make_proxy(policy, "ema" if cfg.sync_every else "frozen", cfg.lora_sync)
+
+    def _build_reference(self, policy: PreTrainedModel, proxy: Any) -> Any:
+        if self.recipe.loss.kl_beta == 0:
+            return None
+        if self.recipe.loss.kl_reference == "proxy":
+            return proxy.view
+        if is_lora(policy):
+            return policy.disable_adapter
+        path = self.dir / "rl-reference"
+        if not (path / "model.safetensors").exists():
+            policy.save_pretrained(path)
+        reference = build_policy(self.recipe.model.model_copy(update={"lora": None}))
+        load_policy_weights(reference, path)
+        reference.eval().requires_grad_(False)
+        return _view(reference)
+
+
+def _view(model: PreTrainedModel) -> Any:
+    @contextmanager
+    def view() -> Iterator[PreTrainedModel]:
+        yield model
+
+    return view
+

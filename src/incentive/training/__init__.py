@@ -1,0 +1,1 @@
+"""Training stages (SFT, RL) and what they share: sampling, optimisers, checkpoints, metrics."""

@@ -1,0 +1,217 @@
+"""One RL step = one pass down the pipe: sample prompts → rollouts → rewards → advantages → loss → update."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from incentive.advantages import AdvantageEstimator
+from incentive.config import Recipe
+from incentive.data.example import Example
+from incentive.engines.hf import HFEngine, SamplingParams
+from incentive.logprobs import forward_target_logprobs, plan_batches, target_logprobs
+from incentive.losses import PolicyLoss, Totals
+from incentive.rewards.base import RewardContext, Scorer
+from incentive.rewards.pipeline import RewardPipeline, Scored
+from incentive.rollout.types import Completion, RolloutBatch
+from incentive.templates import Template
+from incentive.training.metrics import summarize
+from incentive.training.sampler import EpochSampler
+
+ModelView = Callable[[], AbstractContextManager[PreTrainedModel]]
+
+
+class TooManyFailures(RuntimeError):
+    """More of a batch failed its rewards than the recipe tolerates."""
+
+
+@dataclass
+class RLParts:
+    """Everything an RL step uses, built once by the run."""
+
+    policy: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    template: Template
+    engine: HFEngine
+    rewards: RewardPipeline
+    estimator: AdvantageEstimator
+    loss: PolicyLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: EpochSampler[Example]
+    scorer: Scorer | None
+    reference: ModelView | None
+
+
+def pad(rows: Sequence[torch.Tensor | Sequence[float]], width: int) -> torch.Tensor:
+    """Right-pad 1-D rows with zeros into a [len(rows), width] tensor (keeps autograd for tensor rows)."""
+    out = []
+    for row in rows:
+        t = row if isinstance(row, torch.Tensor) else torch.tensor(row, dtype=torch.float32)
+        out.append(torch.nn.functional.pad(t, (0, width - t.shape[0])))
+    return torch.stack(out)
+
+
+class RLTrainer:
+    """GRPO-family trainer; the estimator, loss and rewards are whatever the recipe names."""
+
+    def __init__(self, recipe: Recipe, parts: RLParts) -> None:
+        self.recipe = recipe
+        self.p = parts
+        gen = recipe.generation
+        self.params = SamplingParams(gen.num_generations, gen.max_new_tokens, gen.temperature, gen.top_p)
+        self.group_counter = 0
+
+    def step(self, step: int) -> dict[str, Any]:
+        """Run one step and return its metrics record."""
+        p, gen = self.p, self.recipe.generation
+        t0 = time.perf_counter()
+        examples = p.sampler.take(gen.prompts_per_step)
+        prompts = [p.template.render(e, p.tokenizer) for e in examples]
+        group_ids = list(range(self.group_counter, self.group_counter + len(examples)))
+        self.group_counter += len(examples)
+        batch = p.engine.generate(examples, prompts, group_ids, self.params)
+        t_gen = time.perf_counter() - t0
+
+        ctx = RewardContext(p.tokenizer, p.template.tags, step=step, scorer=p.scorer)
+        scored = p.rewards(batch, ctx)
+        t_reward = time.perf_counter() - t0 - t_gen
+        failed = scored.failed
+        share = sum(failed) / len(batch)
+        if share > self.recipe.rl.max_failed_share:
+            raise TooManyFailures(
+                f"step {step}: {sum(failed)}/{len(batch)} completions failed their rewards "
+                f"(limit {self.recipe.rl.max_failed_share:.0%}): {dict(scored.failures)}"
+            )
+        scores = torch.tensor(scored.total, dtype=torch.float64)
+        advantages = p.estimator(scores, batch.group_ids)
+
+        train_stats = self._optimise(batch, advantages, failed)
+        t_train = time.perf_counter() - t0 - t_gen - t_reward
+        return self._record(step, batch, scored, advantages, train_stats, t_gen, t_reward, t_train)
+
+    def _optimise(self, batch: RolloutBatch, advantages: torch.Tensor, failed: list[bool]) -> dict[str, float]:
+        """Policy-gradient update on the batch; skips the forward/backward work that would contribute zero."""
+        p, rl, loss_cfg = self.p, self.recipe.rl, self.recipe.loss
+        valid = [i for i, f in enumerate(failed) if not f and batch.completions[i].length > 0]
+        totals = Totals(tokens=sum(batch.completions[i].length for i in valid), sequences=len(valid))
+        needs_all = loss_cfg.kl_beta > 0 or not rl.skip_zero_advantage
+        active = valid if needs_all else [i for i in valid if advantages[i] != 0]
+        if not active:
+            p.scheduler.step()
+            return {"skipped": 1.0}
+        comps = [batch.completions[i] for i in active]
+        contexts = [c.prompt_ids for c in comps]
+        targets = [c.completion_ids for c in comps]
+        adv = advantages[active]
+        ref = self._reference_logprobs(contexts, targets) if loss_cfg.kl_beta > 0 else None
+        old = self._old_logprobs(contexts, targets) if rl.num_iterations > 1 else None
+        lengths = [len(c) + len(t) for c, t in zip(contexts, targets, strict=True)]
+        stats: dict[str, list[float]] = {}
+        losses: list[float] = []
+        grad_norms: list[float] = []
+        for _ in range(rl.num_iterations):
+            total_loss = 0.0
+            for chunk in plan_batches(lengths, rl.micro_batch_tokens):
+                logp = forward_target_logprobs(p.policy, contexts, targets, chunk, self.params.temperature)
+                width = max(len(targets[i]) for i in chunk)
+                logp_t = pad(logp, width)
+                mask = pad([[1.0] * len(targets[i]) for i in chunk], width)
+                old_t = pad([old[i] for i in chunk], width) if old else logp_t.detach()
+                ref_t = pad([ref[i] for i in chunk], width) if ref else None
+                loss, chunk_stats = p.loss(logp_t, old_t, adv[chunk], mask, totals, ref_t)
+                loss.backward()
+                total_loss += float(loss)
+                for key, value in chunk_stats.items():
+                    stats.setdefault(key, []).append(value)
+            losses.append(total_loss)
+            grad_norms.append(self._optimizer_step())
+        p.scheduler.step()
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out["loss"] = sum(losses) / len(losses)
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["nonfinite_updates"] = float(sum(not math.isfinite(g) for g in grad_norms))
+        out["skipped"] = 0.0
+        out["trained_sequences"] = float(len(active))
+        return out
+
+    def _optimizer_step(self) -> float:
+        params = [q for g in self.p.optimizer.param_groups for q in g["params"] if q.grad is not None]
+        max_norm = self.recipe.optim.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+        if torch.isfinite(norm):
+            self.p.optimizer.step()
+        self.p.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def _old_logprobs(self, contexts: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
+        lps = target_logprobs(
+            self.p.policy, contexts, targets, self.recipe.rl.micro_batch_tokens, self.params.temperature
+        )
+        return [lp.tolist() for lp in lps]
+
+    @torch.no_grad()
+    def _reference_logprobs(self, contexts: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
+        if self.p.reference is None:
+            raise RuntimeError("KL penalty configured but no reference model was built")
+        with self.p.reference() as ref:
+            lps = target_logprobs(ref, contexts, targets, self.recipe.rl.micro_batch_tokens, self.params.temperature)
+        return [lp.tolist() for lp in lps]
+
+    def _record(
+        self,
+        step: int,
+        batch: RolloutBatch,
+        scored: Scored,
+        advantages: torch.Tensor,
+        train: dict[str, float],
+        t_gen: float,
+        t_reward: float,
+        t_train: float,
+    ) -> dict[str, Any]:
+        lengths = [float(c.length) for c in batch]
+        gen_tokens = sum(c.length for c in batch)
+        record: dict[str, Any] = {
+            "stage": "rl",
+            "step": step,
+            "lr": self.p.scheduler.get_last_lr()[0],
+            "completions": len(batch),
+            "truncated_share": sum(c.truncated for c in batch) / len(batch),
+            "failed": sum(scored.failed),
+            "failures": dict(scored.failures),
+            "time/generate_s": t_gen,
+            "time/reward_s": t_reward,
+            "time/train_s": t_train,
+            "throughput/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
+            **summarize("reward", scored.total),
+            **summarize("advantage", advantages.tolist()),
+            **summarize("length", lengths),
+            **{f"train/{k}": v for k, v in train.items()},
+        }
+        record["advantage/zero_share"] = float((advantages == 0).float().mean())
+        for name, values in scored.components.items():
+            record.update(summarize(f"reward/{name}", values))
+        for name, values in scored.extras.items():
+            record.update(summarize(f"extra/{name}", values))
+        record["samples"] = [_sample(c, scored, i) for i, c in enumerate(batch.completions[: self.params.n])]
+        return record
+
+
+def _sample(c: Completion, scored: Scored, i: int) -> dict[str, Any]:
+    return {
+        "group": c.group_id,
+        "prompt": c.example.prompt,
+        "reference": c.example.reference,
+        "completion": c.text,
+        "reward": scored.total[i],
+        "components": {k: v[i] for k, v in scored.components.items()},
+        "reasons": scored.reasons[i],
+    }

@@ -29,7 +29,9 @@ def test_unknown_key_fails_naming_it(tmp_path):
 
 
 def test_overrides_are_typed_and_validated(tmp_path):
-    recipe = load_recipe(write(tmp_path, BASE), ["rl.steps=7", "optim.lr=3e-6", "model.lora.r=8", "loss.kl_beta=0.1"])
+    recipe = load_recipe(
+        write(tmp_path, BASE), ["rl.steps=7", "optim.lr=3e-6", "model.lora.r=8", "loss.kl_beta=0.1"]
+    )
     assert recipe.rl.steps == 7
     assert recipe.optim.lr == pytest.approx(3e-6)
     assert recipe.model.lora is not None and recipe.model.lora.r == 8

@@ -24,7 +24,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     path = _recipe_path(args.recipe)
     recipe = load_recipe(path, args.set)
-    run_dir = Path(args.run_dir) if args.run_dir else Path(recipe.run.output_dir) / (recipe.run.name or path.stem)
+    run_dir = (
+        Path(args.run_dir) if args.run_dir else Path(recipe.run.output_dir) / (recipe.run.name or path.stem)
+    )
     run = Run(recipe, run_dir, resume=args.resume, overwrite=args.overwrite)
     print(f"[incentive] run folder: {run_dir}")
     summary = run.execute()
@@ -76,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a recipe (SFT and/or RL)")
-    train.add_argument("recipe", help="a YAML file, or the name of a bundled recipe (see `incentive recipes`)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. rl.steps=5")
+    train.add_argument(
+        "recipe", help="a YAML file, or the name of a bundled recipe (see `incentive recipes`)"
+    )
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. rl.steps=5"
+    )
     train.add_argument("--run-dir", help="run folder (default: run.output_dir/run.name)")
     train.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")

@@ -97,7 +97,7 @@ class ProxyConfig(Strict):
     enabled: bool = False
     sync_every: int = Field(0, ge=0)
     alpha: float = Field(0.9, ge=0, le=1)
-    lora_sync: Literal["factors", "exact"] = "factors"
+    lora_sync: Literal["factors", "exact"] = "exact"
 
 
 class EvalConfig(Strict):

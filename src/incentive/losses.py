@@ -55,14 +55,18 @@ def token_mean(loss: torch.Tensor, mask: torch.Tensor, totals: Totals, constant:
 
 
 @AGGREGATIONS.register("seq-mean-token-mean")
-def seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor, totals: Totals, constant: float) -> torch.Tensor:
+def seq_mean_token_mean(
+    loss: torch.Tensor, mask: torch.Tensor, totals: Totals, constant: float
+) -> torch.Tensor:
     """Mean over sequences of each sequence's token mean (original GRPO)."""
     per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     return per_seq.sum() / max(totals.sequences, 1)
 
 
 @AGGREGATIONS.register("constant")
-def constant_normaliser(loss: torch.Tensor, mask: torch.Tensor, totals: Totals, constant: float) -> torch.Tensor:
+def constant_normaliser(
+    loss: torch.Tensor, mask: torch.Tensor, totals: Totals, constant: float
+) -> torch.Tensor:
     """Σ loss / (sequences × a constant, e.g. the max completion length): Dr.GRPO, GUI-G1; no length bias."""
     return (loss * mask).sum() / (max(totals.sequences, 1) * constant)
 

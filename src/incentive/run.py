@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 import yaml
 from tqdm import tqdm
 from transformers import PreTrainedModel
@@ -135,6 +136,7 @@ class Run:
     # -- the run ----------------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         recipe = self.recipe
+        transformers.utils.logging.disable_progress_bar()
         if recipe.run.threads:
             torch.set_num_threads(recipe.run.threads)
         seed_everything(recipe.run.seed)
@@ -165,11 +167,20 @@ class Run:
     def _run_sft(self, policy: PreTrainedModel, tokenizer: Any, state: dict[str, Any] | None) -> None:
         cfg, recipe = self.recipe.sft, self.recipe
         optimizer = build_optimizer(trainable_parameters(policy), recipe.optim, lr=cfg.lr)
-        scheduler = build_scheduler(optimizer, recipe.optim.model_copy(update={"schedule": "constant"}), cfg.steps)
+        scheduler = build_scheduler(
+            optimizer, recipe.optim.model_copy(update={"schedule": "constant"}), cfg.steps
+        )
         pairs = [(self.template.render(e, tokenizer), target) for e, target in self.sft_targets]
         trainer = SFTTrainer(
-            policy, tokenizer, pairs, cfg.batch_size, optimizer, scheduler, recipe.run.seed,
-            recipe.rl.micro_batch_tokens, recipe.optim.max_grad_norm,
+            policy,
+            tokenizer,
+            pairs,
+            cfg.batch_size,
+            optimizer,
+            scheduler,
+            recipe.run.seed,
+            recipe.rl.micro_batch_tokens,
+            recipe.optim.max_grad_norm,
         )
         start = 0
         if state is not None:
@@ -187,7 +198,9 @@ class Run:
                 "sampler": trainer.sampler.state_dict(),
             }
 
-        with tqdm(range(start + 1, cfg.steps + 1), desc="SFT", unit="step", initial=start, total=cfg.steps) as bar:
+        with tqdm(
+            range(start + 1, cfg.steps + 1), desc="SFT", unit="step", initial=start, total=cfg.steps
+        ) as bar:
             for step in bar:
                 record = trainer.step(step)
                 self.metrics.write(record)
@@ -217,7 +230,11 @@ class Run:
             rewards=self.rewards,
             estimator=self.estimator,
             loss=PolicyLoss(
-                loss_cfg.eps_low, loss_cfg.eps_high, loss_cfg.kl_beta, loss_cfg.kl_estimator, loss_cfg.aggregation,
+                loss_cfg.eps_low,
+                loss_cfg.eps_high,
+                loss_cfg.kl_beta,
+                loss_cfg.kl_estimator,
+                loss_cfg.aggregation,
                 loss_cfg.constant_normaliser or float(recipe.generation.max_new_tokens),
             ),
             optimizer=optimizer,
@@ -281,7 +298,7 @@ class Run:
         if self.recipe.loss.kl_reference == "proxy":
             return proxy.view
         if is_lora(policy):
-            return policy.disable_adapter
+            return _adapter_off(policy)
         path = self.dir / "rl-reference"
         if not (path / "model.safetensors").exists():
             policy.save_pretrained(path)
@@ -291,10 +308,20 @@ class Run:
         return _view(reference)
 
 
+def _adapter_off(policy: PreTrainedModel) -> Any:
+    """The LoRA policy with its adapter switched off: the initial model, at no extra memory."""
+
+    @contextmanager
+    def view() -> Iterator[PreTrainedModel]:
+        with policy.disable_adapter():
+            yield policy
+
+    return view
+
+
 def _view(model: PreTrainedModel) -> Any:
     @contextmanager
     def view() -> Iterator[PreTrainedModel]:
         yield model
 
     return view
-

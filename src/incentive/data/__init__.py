@@ -1,5 +1,8 @@
 """Examples and where they come from: files (jsonl, csv, parquet) and procedural reasoning-gym tasks."""
 
+from incentive.data.config import DataConfig
 from incentive.data.example import DataError, Example
+from incentive.data.loaders import LoadResult, load_examples
+from incentive.data.solutions import sft_pairs
 
-__all__ = ["DataError", "Example"]
+__all__ = ["DataConfig", "DataError", "Example", "LoadResult", "load_examples", "sft_pairs"]

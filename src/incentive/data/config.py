@@ -56,10 +56,14 @@ class DataConfig(BaseModel):
             raise ValueError(f"source is empty; give {_SUPPORTED}")
         if self.task is not None:
             if not self.task:
-                raise ValueError(f"source '{self.source}' names no task; write task:<name>, e.g. task:chain_sum")
+                raise ValueError(
+                    f"source '{self.source}' names no task; write task:<name>, e.g. task:chain_sum"
+                )
             clash = sorted({"size", "seed"} & set(self.task_args))
             if clash:
-                raise ValueError(f"task_args must not set {', '.join(clash)}; use the top-level size/seed fields")
+                raise ValueError(
+                    f"task_args must not set {', '.join(clash)}; use the top-level size/seed fields"
+                )
         else:
             suffix = Path(self.source).suffix.lower()
             if suffix not in FILE_FORMATS:
@@ -69,7 +73,13 @@ class DataConfig(BaseModel):
                 )
             if self.task_args:
                 raise ValueError(f"task_args only apply to task:<name> sources, not to file '{self.source}'")
-        fields = [self.prompt_field, self.reference_field, self.id_field, self.domain_field, self.difficulty_field]
+        fields = [
+            self.prompt_field,
+            self.reference_field,
+            self.id_field,
+            self.domain_field,
+            self.difficulty_field,
+        ]
         for name in fields:
             if fields.count(name) > 1:
                 raise ValueError(f"column '{name}' is mapped to more than one of the *_field settings")

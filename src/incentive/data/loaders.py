@@ -34,7 +34,9 @@ def load_examples(cfg: DataConfig) -> LoadResult:
     """Read every example of ``cfg.source``; a bad row raises DataError, or is skipped with on_error='skip'."""
     task = cfg.task
     if task is not None:
-        return _collect(cfg, _task_rows(cfg, task), lambda number, entry: _task_example(cfg, task, number, entry))
+        return _collect(
+            cfg, _task_rows(cfg, task), lambda number, entry: _task_example(cfg, task, number, entry)
+        )
     path = Path(cfg.source)
     if not path.exists():
         raise DataError(cfg.source, None, None, "file not found")
@@ -78,7 +80,10 @@ def _check_text_file(source: str, path: Path) -> None:
     with path.open("rb") as f:
         if b"\x00" in f.read(8192):
             raise DataError(
-                source, None, None, "contains NUL bytes: a binary file or not UTF-8 (e.g. UTF-16); expected UTF-8 text"
+                source,
+                None,
+                None,
+                "contains NUL bytes: a binary file or not UTF-8 (e.g. UTF-16); expected UTF-8 text",
             )
 
 
@@ -93,7 +98,10 @@ def _jsonl_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | DataEr
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield number, DataError(source, number, None, f"invalid UTF-8 at byte offset {start + e.start}")
+                yield (
+                    number,
+                    DataError(source, number, None, f"invalid UTF-8 at byte offset {start + e.start}"),
+                )
                 continue
             if not line.strip():
                 continue
@@ -104,7 +112,10 @@ def _jsonl_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | DataEr
                 continue
             if not isinstance(row, dict):
                 kind = type(row).__name__
-                yield number, DataError(source, number, None, f"expected one JSON object per line, got {kind}")
+                yield (
+                    number,
+                    DataError(source, number, None, f"expected one JSON object per line, got {kind}"),
+                )
                 continue
             yield number, row
 
@@ -114,7 +125,10 @@ def _csv_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | DataErro
     source = cfg.source
     _check_text_file(source, path)
     number = 0
-    with path.open("rb") as raw, io.TextIOWrapper(raw, "utf-8-sig", errors="surrogateescape", newline="") as text:
+    with (
+        path.open("rb") as raw,
+        io.TextIOWrapper(raw, "utf-8-sig", errors="surrogateescape", newline="") as text,
+    ):
         reader = csv.reader(text)
         try:
             header = next(reader, None)
@@ -162,7 +176,9 @@ def _check_columns(cfg: DataConfig, columns: list[str]) -> None:
             raise DataError(cfg.source, None, column, "the column appears more than once in the header")
     for required in (cfg.prompt_field, cfg.reference_field):
         if required not in columns:
-            raise DataError(cfg.source, None, required, f"no such column; the columns are: {', '.join(columns)}")
+            raise DataError(
+                cfg.source, None, required, f"no such column; the columns are: {', '.join(columns)}"
+            )
 
 
 def _file_example(cfg: DataConfig, stem: str, number: int, row: Row) -> Example:
@@ -190,7 +206,9 @@ def _file_example(cfg: DataConfig, stem: str, number: int, row: Row) -> Example:
         raise fail(cfg.reference_field, f"must be a finite number, got {reference}")
     reference = str(reference)
     if not reference.strip() and not cfg.allow_empty_reference:
-        raise fail(cfg.reference_field, "is empty (set allow_empty_reference: true to accept empty references)")
+        raise fail(
+            cfg.reference_field, "is empty (set allow_empty_reference: true to accept empty references)"
+        )
 
     id_ = _blank_to_none(row.get(cfg.id_field))
     if id_ is not None and (isinstance(id_, bool) or not isinstance(id_, str | int)):
@@ -255,7 +273,7 @@ def _task_rows(cfg: DataConfig, task: str) -> Iterator[tuple[int, Row | DataErro
             None,
             None,
             f"unknown reasoning-gym task '{task}'; {hint}list the {len(DATASETS)} task names with: "
-            "python -c \"from reasoning_gym.factory import DATASETS; print(sorted(DATASETS))\"",
+            'python -c "from reasoning_gym.factory import DATASETS; print(sorted(DATASETS))"',
         )
     size = DEFAULT_TASK_SIZE if cfg.size is None else cfg.size
     try:

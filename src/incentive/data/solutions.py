@@ -119,7 +119,9 @@ def arithmetic_solution(example: Example) -> str:
     """One line per operation; refuses to write reasoning that disagrees with the reference."""
     steps, value = arithmetic_steps(_expression(example))
     if str(value) != example.reference.strip():
-        raise ValueError(f"example '{example.id}': worked solution gives {value}, reference is {example.reference}")
+        raise ValueError(
+            f"example '{example.id}': worked solution gives {value}, reference is {example.reference}"
+        )
     return "\n".join(steps) if steps else str(value)
 
 

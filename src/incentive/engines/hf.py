@@ -25,7 +25,9 @@ class SamplingParams:
 class HFEngine:
     """Generates with the live policy. Logprobs are of the sampled tokens at the sampling temperature."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size

@@ -42,7 +42,9 @@ class PerplexitySettings:
         if not self.log_base > 1.0:
             raise ValueError(f"log_base must be > 1, got {self.log_base}")
         if self.empty_reasoning not in get_args(EmptyReasoning):
-            raise ValueError(f"empty_reasoning must be one of {get_args(EmptyReasoning)}, got {self.empty_reasoning!r}")
+            raise ValueError(
+                f"empty_reasoning must be one of {get_args(EmptyReasoning)}, got {self.empty_reasoning!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,12 @@ class ReasoningPerplexity:
 
 
 def normaliser(reasoning_tokens: int, log_base: float = 10.0) -> float:
-    """N(|t|) = max(1, 1 + log_b |t|); 1 for empty reasoning (log 0 = −∞)."""
+    """N(|t|) = max(1, 1 + log_b |t|); 1 for empty reasoning (log 0 = −∞). Base 10 uses ``log10``, which is exact
+    on powers of ten (``math.log(1000, 10)`` is 2.9999999999999996)."""
     if reasoning_tokens <= 0:
         return 1.0
-    return max(1.0, 1.0 + math.log(reasoning_tokens, log_base))
+    log = math.log10(reasoning_tokens) if log_base == 10 else math.log(reasoning_tokens) / math.log(log_base)
+    return max(1.0, 1.0 + log)
 
 
 def reasoning_perplexity(
@@ -86,7 +90,9 @@ def reasoning_perplexity(
     if key in ctx.cache:
         return ctx.cache[key]
     if ctx.scorer is None:
-        raise ValueError("NOVER rewards need a scorer in the reward context (the trainer passes one with a proxy)")
+        raise ValueError(
+            "NOVER rewards need a scorer in the reward context (the trainer passes one with a proxy)"
+        )
     n = len(batch)
     valid, lengths = [False] * n, [0] * n
     reasons: list[str | None] = [None] * n
@@ -169,7 +175,9 @@ class NoverReasoning(_NoverPart):
 
     def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
         rp = reasoning_perplexity(batch, ctx, self.settings)
-        scores = _per_group(batch, lambda idx: rank_rewards([rp.log_ppl[i] for i in idx], [rp.valid[i] for i in idx]))
+        scores = _per_group(
+            batch, lambda idx: rank_rewards([rp.log_ppl[i] for i in idx], [rp.valid[i] for i in idx])
+        )
         return RewardResult(scores, list(rp.reasons), {"ppl": rp.ppl, "ppl_raw": rp.ppl_raw})
 
 

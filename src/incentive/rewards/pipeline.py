@@ -74,7 +74,9 @@ class RewardPipeline:
         except Exception as err:  # a failing reward fails its samples, not the run
             return RewardResult([math.nan] * n, [f"raised {type(err).__name__}: {err}"] * n)
         if len(result.scores) != n or len(result.reasons) != n:
-            return RewardResult([math.nan] * n, [f"returned {len(result.scores)} scores for {n} completions"] * n)
+            return RewardResult(
+                [math.nan] * n, [f"returned {len(result.scores)} scores for {n} completions"] * n
+            )
         scores = [float(s) for s in result.scores]
         reasons = [
             r if math.isfinite(s) or r is not None else "non-finite score"

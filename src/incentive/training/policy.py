@@ -48,7 +48,9 @@ def load_policy_weights(model: PreTrainedModel, folder: Path) -> None:
     missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing}, extra {unexpected}")
+        raise RuntimeError(
+            f"checkpoint {folder} does not match the model: missing {missing}, extra {unexpected}"
+        )
     if tied:
         model.tie_weights()
 

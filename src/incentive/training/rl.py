@@ -97,7 +97,9 @@ class RLTrainer:
         t_train = time.perf_counter() - t0 - t_gen - t_reward
         return self._record(step, batch, scored, advantages, train_stats, t_gen, t_reward, t_train)
 
-    def _optimise(self, batch: RolloutBatch, advantages: torch.Tensor, failed: list[bool]) -> dict[str, float]:
+    def _optimise(
+        self, batch: RolloutBatch, advantages: torch.Tensor, failed: list[bool]
+    ) -> dict[str, float]:
         """Policy-gradient update on the batch; skips the forward/backward work that would contribute zero."""
         p, rl, loss_cfg = self.p, self.recipe.rl, self.recipe.loss
         valid = [i for i, f in enumerate(failed) if not f and batch.completions[i].length > 0]
@@ -128,7 +130,7 @@ class RLTrainer:
                 ref_t = pad([ref[i] for i in chunk], width) if ref else None
                 loss, chunk_stats = p.loss(logp_t, old_t, adv[chunk], mask, totals, ref_t)
                 loss.backward()
-                total_loss += float(loss)
+                total_loss += float(loss.detach())
                 for key, value in chunk_stats.items():
                     stats.setdefault(key, []).append(value)
             losses.append(total_loss)
@@ -163,7 +165,9 @@ class RLTrainer:
         if self.p.reference is None:
             raise RuntimeError("KL penalty configured but no reference model was built")
         with self.p.reference() as ref:
-            lps = target_logprobs(ref, contexts, targets, self.recipe.rl.micro_batch_tokens, self.params.temperature)
+            lps = target_logprobs(
+                ref, contexts, targets, self.recipe.rl.micro_batch_tokens, self.params.temperature
+            )
         return [lp.tolist() for lp in lps]
 
     def _record(

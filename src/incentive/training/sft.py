@@ -36,7 +36,10 @@ class SFTTrainer:
         self.max_grad_norm = max_grad_norm
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         encoded = [
-            (tokenizer(prompt, add_special_tokens=False).input_ids, tokenizer(target, add_special_tokens=False).input_ids + eos)
+            (
+                tokenizer(prompt, add_special_tokens=False).input_ids,
+                tokenizer(target, add_special_tokens=False).input_ids + eos,
+            )
             for prompt, target in pairs
         ]
         self.sampler = EpochSampler(encoded, seed)
@@ -53,7 +56,7 @@ class SFTTrainer:
             logps = forward_target_logprobs(self.policy, contexts, targets, chunk)
             loss = -torch.cat(logps).sum() / n_tokens
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
         if torch.isfinite(norm):

@@ -1,0 +1,123 @@
+"""End-to-end behaviour of runs on the tiny random model: learning, resume, run-folder safety."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from incentive.config import ConfigError, load_recipe
+from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
+from incentive.rollout.types import RolloutBatch
+from incentive.run import Run, RunError
+from incentive.training.rl import RLTrainer
+
+
+@REWARDS.register("test-even-tokens")
+class EvenTokens(Reward):
+    """Share of completion tokens with an even id: varies within groups, learnable by a tiny model."""
+
+    def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
+        return RewardResult([sum(t % 2 == 0 for t in c.completion_ids) / max(1, c.length) for c in batch])
+
+
+@REWARDS.register("test-digit-share")
+class DigitShare(Reward):
+    """Share of digit characters: a tiny model after a short SFT can raise it within a few RL steps."""
+
+    def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
+        return RewardResult([sum(ch.isdigit() for ch in c.text) / max(1, len(c.text)) for c in batch])
+
+
+RECIPE = """
+model: {name: tiny-random}
+data: {source: task:chain_sum, size: 40, task_args: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}}
+generation: {num_generations: 4, prompts_per_step: 4, max_new_tokens: 8}
+rewards: [{name: test-even-tokens}]
+"""
+
+
+def make_run(tmp_path, extra, overrides=(), name="run", **kw):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE + extra)
+    return Run(load_recipe(path, list(overrides)), tmp_path / name, **kw)
+
+
+def rl_records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"rl"' in x]
+
+
+def test_reward_goes_up(tmp_path):
+    body = "sft: {steps: 12, lr: 1.0e-2, batch_size: 8}\nrl: {steps: 16}\noptim: {lr: 1.0e-3}\n"
+    body += "rewards: [{name: test-digit-share}]\n"
+    run = make_run(tmp_path, body, ["generation.max_new_tokens=12"])
+    run.execute()
+    rewards = [r["reward/mean"] for r in rl_records(run.dir)]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.08, rewards
+
+
+def comparable(record):
+    return {k: v for k, v in record.items() if not k.startswith(("time/", "throughput/"))}
+
+
+@pytest.mark.parametrize("extra", ["", "model: {name: tiny-random, lora: {r: 4}}\nloss: {kl_beta: 0.05}\n"])
+def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, monkeypatch, extra):
+    body = extra + "sft: {steps: 2, batch_size: 2, data: {source: task:chain_sum, size: 8}}\n"
+    body += "rl: {steps: 4, num_iterations: 2}\noptim: {lr: 1.0e-3}\nrun: {checkpoint_every: 1}\n"
+    if "loss" not in extra:
+        body += "loss: {kl_beta: 0.05}\n"
+    full = make_run(tmp_path, body, name="full")
+    full.execute()
+
+    original = RLTrainer.step
+
+    def crash_at_three(self, step):
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, step)
+
+    monkeypatch.setattr(RLTrainer, "step", crash_at_three)
+    crashed = make_run(tmp_path, body, name="crashed")
+    with pytest.raises(KeyboardInterrupt):
+        crashed.execute()
+    monkeypatch.setattr(RLTrainer, "step", original)
+    make_run(tmp_path, body, name="crashed", resume=True).execute()
+
+    a, b = rl_records(full.dir), rl_records(crashed.dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [comparable(r) for r in a] == [comparable(r) for r in b]
+    weights = "adapter_model.safetensors" if "lora" in extra else "model.safetensors"
+    wa = load_file(full.dir / "checkpoints/rl-000004/policy" / weights)
+    wb = load_file(crashed.dir / "checkpoints/rl-000004/policy" / weights)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_folder_is_not_overwritten(tmp_path):
+    run = make_run(tmp_path, "rl: {steps: 1}\n")
+    run.execute()
+    with pytest.raises(RunError, match="already holds a run"):
+        make_run(tmp_path, "rl: {steps: 1}\n")
+    make_run(tmp_path, "rl: {steps: 1}\n", overwrite=True)
+
+
+def test_bad_reward_args_fail_before_model_load(tmp_path):
+    with pytest.raises(ConfigError, match="verifier"):
+        make_run(tmp_path, "rl: {steps: 1}\nrewards: [{name: verifier, args: {nope: 1}}]\n")
+    with pytest.raises(ConfigError, match="nothing to train"):
+        make_run(tmp_path, "")
+
+
+def test_failing_reward_is_recorded_not_fatal(tmp_path):
+    @REWARDS.register("test-flaky")
+    class Flaky(Reward):
+        def __call__(self, batch, ctx):
+            return RewardResult([math.nan if i % 4 == 0 else 1.0 for i in range(len(batch))], [])
+
+    run = make_run(tmp_path, "rl: {steps: 2}\nrewards: [{name: test-even-tokens}, {name: test-flaky}]\n")
+    run.execute()
+    records = rl_records(run.dir)
+    assert all(r["failed"] == 4 for r in records)
+    assert all("test-flaky: non-finite score" in r["failures"] for r in records)

@@ -121,3 +121,35 @@ def test_failing_reward_is_recorded_not_fatal(tmp_path):
     records = rl_records(run.dir)
     assert all(r["failed"] == 4 for r in records)
     assert all("test-flaky: non-finite score" in r["failures"] for r in records)
+
+
+def test_sigterm_saves_and_stops_then_resume_finishes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("test-even-tokens", "format") + "rl: {steps: 200}\n")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "incentive.cli", "train", str(recipe), "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGTERM" in err and "--resume" in err
+    saved = (run_dir / "checkpoints" / "latest").read_text()
+    steps_done = len(rl_records(run_dir))
+    assert saved == f"rl-{steps_done:06d}"
+    resumed = subprocess.run(
+        [*cmd, "--resume", "--set", "rl.steps=" + str(steps_done + 1)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in rl_records(run_dir)] == list(range(1, steps_done + 2))

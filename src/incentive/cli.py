@@ -47,15 +47,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from incentive.engines.hf import SamplingParams
     from incentive.evaluation import evaluate
     from incentive.models import load_tokenizer
-    from incentive.templates import TEMPLATES, TagFormat
+    from incentive.run import build_template
     from incentive.training.policy import load_model_for_eval
 
     data = DataConfig(source=args.data, size=args.size, seed=args.seed)
     examples = load_examples(data).examples
-    tpl_cfg = TemplateConfig(name=args.template)
-    template = TEMPLATES.get(tpl_cfg.name)(TagFormat(tpl_cfg.think_tag, tpl_cfg.answer_tag))
-    model, tokenizer_name = load_model_for_eval(args.model)
-    tokenizer = load_tokenizer(tokenizer_name)
+    template = build_template(TemplateConfig(name=args.template))
+    model = load_model_for_eval(args.model)
+    tokenizer = load_tokenizer(args.model)
     params = SamplingParams(args.samples, args.max_new_tokens, args.temperature)
     result = evaluate(model, tokenizer, template, examples, params)
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
@@ -112,10 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     from incentive.data import DataError
     from incentive.models import ModelLoadError
     from incentive.run import RunError
+    from incentive.training.rl import TooManyFailures
+    from incentive.training.signals import StopRequested
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError, RunError) as err:
+    except StopRequested as err:
+        print(f"[incentive] {err}", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, ModelLoadError, RunError, TooManyFailures) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

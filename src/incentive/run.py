@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from incentive.advantages import ADVANTAGES
-from incentive.config import ConfigError, Recipe
+from incentive.config import ConfigError, Recipe, TemplateConfig
 from incentive.data import DataConfig, Example, load_examples, sft_pairs
 from incentive.engines.hf import HFEngine, SamplingParams
 from incentive.evaluation import evaluate
@@ -28,7 +28,7 @@ from incentive.models import load_tokenizer
 from incentive.rewards import REWARDS  # noqa: F401  (registers the built-in rewards)
 from incentive.rewards.pipeline import RewardPipeline
 from incentive.scorer import ModelScorer
-from incentive.templates import TEMPLATES, TagFormat, Template
+from incentive.templates import TEMPLATES, Template
 from incentive.training.checkpoint import Checkpoints, set_rng_state
 from incentive.training.metrics import MetricsLog
 from incentive.training.optim import build_optimizer, build_scheduler
@@ -36,6 +36,7 @@ from incentive.training.policy import build_policy, is_lora, load_policy_weights
 from incentive.training.rl import RLParts, RLTrainer
 from incentive.training.sampler import EpochSampler
 from incentive.training.sft import SFTTrainer
+from incentive.training.signals import GracefulStop, StopRequested
 
 STAGES = ("sft", "rl")
 
@@ -44,10 +45,12 @@ class RunError(RuntimeError):
     """A run that cannot start or continue, with what to do about it."""
 
 
-def build_template(recipe: Recipe) -> Template:
-    cfg = recipe.template
-    tags = TagFormat(cfg.think_tag, cfg.answer_tag)
-    return TEMPLATES.get(cfg.name)(tags, system=cfg.system, use_chat_template=cfg.chat_template)
+def build_template(cfg: TemplateConfig) -> Template:
+    """The recipe's template with the tag format its class declares."""
+    cls = TEMPLATES.get(cfg.name)
+    return cls(
+        cls.tag_format(cfg.think_tag, cfg.answer_tag), system=cfg.system, use_chat_template=cfg.chat_template
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -68,7 +71,7 @@ class Run:
         # Everything that can be checked without a model is checked now, before minutes of loading.
         self.rewards = RewardPipeline(recipe.rewards)
         self.estimator = ADVANTAGES.get(recipe.advantage.name)(**recipe.advantage.args)
-        self.template = build_template(recipe)
+        self.template = build_template(recipe.template)
         self.train_examples = self._load(recipe.data, "data")
         self.eval_examples = self._load(recipe.eval.data, "eval.data") if recipe.eval.data else []
         sft_data = recipe.sft.data or recipe.data
@@ -161,9 +164,6 @@ class Run:
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _save(self, stage: str, step: int, policy: PreTrainedModel, state: dict[str, Any]) -> None:
-        self.checkpoints.save(stage, step, policy, state)
-
     def _run_sft(self, policy: PreTrainedModel, tokenizer: Any, state: dict[str, Any] | None) -> None:
         cfg, recipe = self.recipe.sft, self.recipe
         optimizer = build_optimizer(trainable_parameters(policy), recipe.optim, lr=cfg.lr)
@@ -198,15 +198,26 @@ class Run:
                 "sampler": trainer.sampler.state_dict(),
             }
 
-        with tqdm(
-            range(start + 1, cfg.steps + 1), desc="SFT", unit="step", initial=start, total=cfg.steps
-        ) as bar:
+        with (
+            GracefulStop() as stop,
+            tqdm(
+                range(start + 1, cfg.steps + 1), desc="SFT", unit="step", initial=start, total=cfg.steps
+            ) as bar,
+        ):
             for step in bar:
                 record = trainer.step(step)
                 self.metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if self._due(step, cfg.steps):
-                    self._save("sft", step, policy, snapshot())
+                if self._due(step, cfg.steps) or stop.requested:
+                    self.checkpoints.save("sft", step, policy, tokenizer, snapshot())
+                self._stop_if_asked(stop, "sft", step)
+
+    def _stop_if_asked(self, stop: GracefulStop, stage: str, step: int) -> None:
+        if stop.requested:
+            raise StopRequested(
+                f"stopped by {stop.requested} after {stage} step {step} (checkpoint saved); "
+                f"continue with: incentive train <recipe> --run-dir {self.dir} --resume"
+            )
 
     def _due(self, step: int, last: int) -> bool:
         every = self.recipe.run.checkpoint_every
@@ -266,7 +277,10 @@ class Run:
             }
 
         steps = recipe.rl.steps
-        with tqdm(range(start + 1, steps + 1), desc="RL", unit="step", initial=start, total=steps) as bar:
+        with (
+            GracefulStop() as stop,
+            tqdm(range(start + 1, steps + 1), desc="RL", unit="step", initial=start, total=steps) as bar,
+        ):
             for step in bar:
                 record = trainer.step(step)
                 if proxy is not None and recipe.proxy.sync_every and step % recipe.proxy.sync_every == 0:
@@ -281,8 +295,9 @@ class Run:
                     reward=f"{record.get('reward/mean', float('nan')):.3f}",
                     len=f"{record.get('length/mean', 0):.0f}",
                 )
-                if self._due(step, steps):
-                    self._save("rl", step, policy, snapshot())
+                if self._due(step, steps) or stop.requested:
+                    self.checkpoints.save("rl", step, policy, tokenizer, snapshot())
+                self._stop_if_asked(stop, "rl", step)
 
     def _build_proxy(self, policy: PreTrainedModel) -> Any:
         if not self.recipe.proxy.enabled:

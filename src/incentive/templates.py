@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -59,12 +60,32 @@ class TagFormat:
         )
 
 
+@dataclass(frozen=True)
+class SingleBlockFormat(TagFormat):
+    """Inverse incentive training: the completion is only the intermediate block (e.g. a story); the answer tag
+    names the target block (e.g. a rubric) that is never generated, only scored after the story."""
+
+    def parse(self, text: str) -> Parsed:
+        block = self._think_re.search(text)
+        content = block.group(1).strip() if block else None
+        strict = content is not None and _squash(text) == _squash(f"<{self.think}>{content}</{self.think}>")
+        return Parsed(content, None, strict)
+
+    def render(self, reasoning: str, answer: str) -> str:
+        return f"<{self.think}>\n{reasoning}\n</{self.think}>"
+
+    def instruction(self) -> str:
+        return f"Write your response inside <{self.think}> </{self.think}> tags and nothing else."
+
+
 def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
 class Template:
     """Turns an Example into the exact prompt text the policy sees."""
+
+    tag_format: ClassVar[type[TagFormat]] = TagFormat
 
     def __init__(self, tags: TagFormat, system: str | None = None, use_chat_template: bool = True) -> None:
         self.tags = tags
@@ -100,3 +121,13 @@ class NoverTemplate(Template):
 
 
 TEMPLATES.register("nover")(NoverTemplate)
+
+
+class InverseTemplate(Template):
+    """NOVER's inverse incentive training: generate the wanted output in the intermediate block; the reference
+    (a rubric or set of principles) is the target the proxy must find predictable after it."""
+
+    tag_format = SingleBlockFormat
+
+
+TEMPLATES.register("inverse")(InverseTemplate)

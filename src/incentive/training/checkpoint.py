@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def rng_state() -> dict[str, Any]:
@@ -38,7 +38,15 @@ class Checkpoints:
         self.root = root
         self.keep_last = keep_last
 
-    def save(self, stage: str, step: int, model: PreTrainedModel, trainer_state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        stage: str,
+        step: int,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        trainer_state: dict[str, Any],
+    ) -> Path:
+        """Write ``policy/`` (weights or adapter + tokenizer, loadable by ``incentive eval``) and ``trainer.pt``."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"{stage}-{step:06d}"
         final = self.root / name
@@ -47,6 +55,7 @@ class Checkpoints:
             shutil.rmtree(tmp)
         tmp.mkdir()
         model.save_pretrained(tmp / "policy")
+        tokenizer.save_pretrained(tmp / "policy")
         torch.save({**trainer_state, "stage": stage, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
         if final.exists():
             shutil.rmtree(final)

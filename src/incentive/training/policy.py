@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -55,16 +56,13 @@ def load_policy_weights(model: PreTrainedModel, folder: Path) -> None:
         model.tie_weights()
 
 
-def load_model_for_eval(name: str) -> tuple[PreTrainedModel, str]:
-    """A model to evaluate: a name/path, or a checkpoint policy folder (full model or LoRA adapter).
-    Returns the model and the name to load its tokenizer from."""
-    folder = Path(name)
-    adapter = folder / "adapter_config.json"
-    if adapter.exists():
-        import json
+def load_model_for_eval(name: str) -> PreTrainedModel:
+    """A model to evaluate: a name/path, or a checkpoint's ``policy`` folder (full model or LoRA adapter;
+    checkpoints carry their tokenizer, so ``load_tokenizer(name)`` works for them too)."""
+    adapter = Path(name) / "adapter_config.json"
+    if not adapter.exists():
+        return load_model(name).eval()
+    from peft import PeftModel
 
-        from peft import PeftModel
-
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path") or "embedded"
-        return PeftModel.from_pretrained(load_model(base), folder).eval(), base
-    return load_model(name).eval(), name
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path") or "embedded"
+    return PeftModel.from_pretrained(load_model(base), name).eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -107,7 +108,11 @@ class RLTrainer:
         needs_all = loss_cfg.kl_beta > 0 or not rl.skip_zero_advantage
         active = valid if needs_all else [i for i in valid if advantages[i] != 0]
         if not active:
-            p.scheduler.step()
+            with (
+                warnings.catch_warnings()
+            ):  # no optimizer step on purpose: the schedule still follows the step
+                warnings.simplefilter("ignore", UserWarning)
+                p.scheduler.step()
             return {"skipped": 1.0}
         comps = [batch.completions[i] for i in active]
         contexts = [c.prompt_ids for c in comps]

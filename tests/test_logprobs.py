@@ -20,9 +20,41 @@ def test_batched_logprobs_equal_one_at_a_time(tiny):
             assert torch.allclose(expected, g, atol=1e-5)
 
 
-def test_plan_batches_respects_budget_and_covers_all():
-    lengths = [10, 3, 7, 7, 1, 12]
-    batches = plan_batches(lengths, max_tokens=14)
+def test_plan_batches_respects_budget_keeps_groups_and_covers_all():
+    contexts = [[1] * 6, [2] * 3, [1] * 6, [3] * 2, [2] * 3, [1] * 6]
+    targets = [[5] * 4, [5] * 2, [5] * 1, [5] * 9, [5] * 3, [5] * 2]
+    batches = plan_batches(contexts, targets, max_tokens=20)
     assert sorted(i for b in batches for i in b) == list(range(6))
     for b in batches:
-        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 14
+        n_ctx = len({tuple(contexts[i]) for i in b})
+        cost = n_ctx * max(len(contexts[i]) for i in b) + len(b) * max(len(targets[i]) for i in b)
+        assert len(b) == 1 or cost <= 20
+    assert [0, 2, 5] in batches  # one prompt's completions share a chunk (and its context computation)
+
+
+def test_shared_context_path_matches_whole_rows_with_gradients(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from incentive.logprobs import _shared_context_logprobs, _whole_row_logprobs
+    from incentive.models import load_model
+
+    gen = torch.Generator().manual_seed(1)
+    c1, c2 = (
+        torch.randint(0, 1000, (7,), generator=gen).tolist(),
+        torch.randint(0, 1000, (4,), generator=gen).tolist(),
+    )
+    contexts = [c1, c2, c1, c2, c1]
+    targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (3, 5, 1, 0, 4)]
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    for model in (tiny[0], get_peft_model(load_model("tiny-random"), lora)):
+        results = []
+        for fn in (_whole_row_logprobs, _shared_context_logprobs):
+            model.zero_grad()
+            lps = fn(model, contexts, targets, list(range(5)), 0.7)
+            sum((lp * (k + 1)).sum() for k, lp in enumerate(lps)).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((lps, grads))
+        (lp_a, g_a), (lp_b, g_b) = results
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(lp_a, lp_b, strict=True))
+        assert g_a.keys() == g_b.keys()
+        assert all(torch.allclose(g_a[k], g_b[k], atol=1e-4, rtol=1e-4) for k in g_a)

@@ -153,3 +153,11 @@ def test_sigterm_saves_and_stops_then_resume_finishes(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in rl_records(run_dir)] == list(range(1, steps_done + 2))
+
+
+def test_time_budget_stops_rl_and_saves(tmp_path):
+    run = make_run(tmp_path, "rl: {steps: 50, time_budget_s: 0.001}\n")
+    run.execute()
+    records = rl_records(run.dir)
+    assert [r["step"] for r in records] == [1]
+    assert (run.dir / "checkpoints" / "latest").read_text() == "rl-000001"

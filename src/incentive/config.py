@@ -79,6 +79,9 @@ class RLConfig(Strict):
     steps: int = Field(0, ge=0)
     num_iterations: int = Field(1, ge=1, description="optimisation passes over each rollout batch")
     micro_batch_tokens: int = Field(2048, ge=16, description="token budget of one forward/backward chunk")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop RL once rollout+reward+update time reaches this (evals not counted)"
+    )
     skip_zero_advantage: bool = True
     max_failed_share: float = Field(0.5, ge=0, le=1)
 

@@ -13,17 +13,31 @@ import torch
 from transformers import PreTrainedModel
 
 
-def plan_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Split indices into micro-batches (longest first) whose padded size stays under ``max_tokens``."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+def plan_batches(
+    contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], max_tokens: int
+) -> list[list[int]]:
+    """Split row indices into micro-batches whose padded cost stays under ``max_tokens``.
+
+    Rows sharing a context stay together (their context is computed once); longer groups go first so padding
+    stays small. A chunk costs (distinct contexts × longest context) + (rows × longest target).
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, ctx in enumerate(contexts):
+        groups.setdefault(tuple(ctx), []).append(i)
+    ordered = sorted(groups.items(), key=lambda kv: -(len(kv[0]) + max(len(targets[i]) for i in kv[1])))
     batches: list[list[int]] = []
     current: list[int] = []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and width * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
+    ctx_len = tgt_len = n_ctx = 0
+    for ctx, rows in ordered:
+        for i in rows:
+            fresh = not current or tuple(contexts[current[-1]]) != ctx
+            c_len, t_len, n_c = max(ctx_len, len(ctx)), max(tgt_len, len(targets[i])), n_ctx + fresh
+            if current and n_c * c_len + (len(current) + 1) * t_len > max_tokens:
+                batches.append(current)
+                current = []
+                c_len, t_len, n_c = len(ctx), len(targets[i]), 1
+            current.append(i)
+            ctx_len, tgt_len, n_ctx = c_len, t_len, n_c
     if current:
         batches.append(current)
     return batches
@@ -36,36 +50,104 @@ def forward_target_logprobs(
     indices: Sequence[int],
     temperature: float = 1.0,
 ) -> list[torch.Tensor]:
-    """One forward over ``indices``; logprob of each target token given everything before it.
+    """Logprob of each target token of ``indices`` given everything before it, in one or two forwards.
 
-    Rows are left-padded (with explicit position ids) so every target ends at the last position; the LM head
-    then runs only on the last ``max target + 1`` positions instead of the whole sequence, which for a
-    49k-token vocabulary is most of the cost of a short-completion batch.
+    When several rows share a context (the G completions of a prompt), the context runs once and its KV cache
+    is shared by the rows (gradient flows through it); otherwise each row runs whole.
     """
-    seqs = [list(contexts[i]) + list(targets[i]) for i in indices]
     for i in indices:
         if targets[i] and not contexts[i]:
             raise ValueError("a target needs at least one context token before it")
-    width = max(len(s) for s in seqs)
-    keep = max(len(targets[i]) for i in indices) + 1
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+    unique = {tuple(contexts[i]) for i in indices}
+    if len(unique) < len(indices):
+        return _shared_context_logprobs(model, contexts, targets, indices, temperature)
+    return _whole_row_logprobs(model, contexts, targets, indices, temperature)
+
+
+def _left_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids, attention mask and position ids for left-padded rows."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for row, seq in enumerate(rows):
+        ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
         mask[row, width - len(seq) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _gather(step_logits: torch.Tensor, target: Sequence[int], temperature: float) -> torch.Tensor:
+    step_logits = step_logits.float()
+    if temperature != 1.0:
+        step_logits = step_logits / temperature
+    tgt = torch.tensor(list(target), dtype=torch.long)
+    return torch.log_softmax(step_logits, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)
+
+
+def _whole_row_logprobs(
+    model: PreTrainedModel,
+    contexts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    indices: Sequence[int],
+    temperature: float,
+) -> list[torch.Tensor]:
+    """Rows left-padded so every target ends at the last position; the LM head runs only on the last
+    ``max target + 1`` positions, which for a 49k vocabulary is most of the cost of short completions."""
+    ids, mask, positions = _left_padded([list(contexts[i]) + list(targets[i]) for i in indices])
+    keep = max(len(targets[i]) for i in indices) + 1
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
     out: list[torch.Tensor] = []
     for row, i in enumerate(indices):
         n = len(targets[i])
-        if n == 0:
+        out.append(
+            _gather(logits[row, keep - 1 - n : keep - 1], targets[i], temperature)
+            if n
+            else logits.new_zeros(0)
+        )
+    return out
+
+
+def _shared_context_logprobs(
+    model: PreTrainedModel,
+    contexts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    indices: Sequence[int],
+    temperature: float,
+) -> list[torch.Tensor]:
+    """Each distinct context once (left-padded, KV cached), then all targets (right-padded) on the cache."""
+    order: dict[tuple[int, ...], int] = {}
+    for i in indices:
+        order.setdefault(tuple(contexts[i]), len(order))
+    ctx_rows = list(order)
+    ctx_ids, ctx_mask, ctx_pos = _left_padded(ctx_rows)
+    head = model(
+        input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True, logits_to_keep=1
+    )
+    owner = torch.tensor([order[tuple(contexts[i])] for i in indices])
+    cache = head.cache
+    cache.batch_select_indices(owner)
+    width = max(max(len(targets[i]) for i in indices), 1)
+    tgt_ids = torch.zeros(len(indices), width, dtype=torch.long)
+    tgt_mask = torch.zeros(len(indices), width, dtype=torch.long)
+    for row, i in enumerate(indices):
+        tgt_ids[row, : len(targets[i])] = torch.tensor(list(targets[i]), dtype=torch.long)
+        tgt_mask[row, : len(targets[i])] = 1
+    lengths = torch.tensor([len(contexts[i]) for i in indices])
+    tgt_pos = lengths[:, None] + torch.arange(width)[None, :]
+    logits = model(
+        input_ids=tgt_ids,
+        attention_mask=torch.cat([ctx_mask[owner], tgt_mask], dim=1),
+        position_ids=tgt_pos,
+        cache=cache,
+        use_cache=True,
+    ).logits
+    out: list[torch.Tensor] = []
+    for row, i in enumerate(indices):
+        n = len(targets[i])
+        if not n:
             out.append(logits.new_zeros(0))
             continue
-        step_logits = logits[row, keep - 1 - n : keep - 1].float()
-        if temperature != 1.0:
-            step_logits = step_logits / temperature
-        tgt = torch.tensor(targets[i], dtype=torch.long)
-        out.append(torch.log_softmax(step_logits, dim=-1).gather(-1, tgt[:, None]).squeeze(-1))
+        steps = torch.cat([head.logits[owner[row], -1:], logits[row, : n - 1]], dim=0)
+        out.append(_gather(steps, targets[i], temperature))
     return out
 
 
@@ -79,9 +161,8 @@ def target_logprobs(
     """Per-token logprobs of every target after its context, in input order; grad flows if enabled."""
     if len(contexts) != len(targets):
         raise ValueError(f"{len(contexts)} contexts but {len(targets)} targets")
-    lengths = [len(c) + len(t) for c, t in zip(contexts, targets, strict=True)]
     results: list[torch.Tensor | None] = [None] * len(contexts)
-    for batch in plan_batches(lengths, max_tokens):
+    for batch in plan_batches(contexts, targets, max_tokens):
         for i, lp in zip(
             batch, forward_target_logprobs(model, contexts, targets, batch, temperature), strict=True
         ):

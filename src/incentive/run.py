@@ -274,15 +274,20 @@ class Run:
                 "sampler": parts.sampler.state_dict(),
                 "group_counter": trainer.group_counter,
                 "proxy": proxy.state_dict() if proxy is not None else None,
+                "elapsed": elapsed,
             }
 
-        steps = recipe.rl.steps
+        steps, budget = recipe.rl.steps, recipe.rl.time_budget_s
+        elapsed = state["elapsed"] if state is not None else 0.0
         with (
             GracefulStop() as stop,
             tqdm(range(start + 1, steps + 1), desc="RL", unit="step", initial=start, total=steps) as bar,
         ):
             for step in bar:
                 record = trainer.step(step)
+                elapsed += record["time/generate_s"] + record["time/reward_s"] + record["time/train_s"]
+                record["time/rl_elapsed_s"] = elapsed
+                out_of_time = budget is not None and elapsed >= budget
                 if proxy is not None and recipe.proxy.sync_every and step % recipe.proxy.sync_every == 0:
                     proxy.sync(recipe.proxy.alpha)
                     record["proxy/synced"] = 1
@@ -295,9 +300,12 @@ class Run:
                     reward=f"{record.get('reward/mean', float('nan')):.3f}",
                     len=f"{record.get('length/mean', 0):.0f}",
                 )
-                if self._due(step, steps) or stop.requested:
+                if self._due(step, steps) or stop.requested or out_of_time:
                     self.checkpoints.save("rl", step, policy, tokenizer, snapshot())
                 self._stop_if_asked(stop, "rl", step)
+                if out_of_time:
+                    print(f"[incentive] RL time budget of {budget:.0f} s used up after step {step}")
+                    break
 
     def _build_proxy(self, policy: PreTrainedModel) -> Any:
         if not self.recipe.proxy.enabled:

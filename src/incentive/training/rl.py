@@ -120,13 +120,12 @@ class RLTrainer:
         adv = advantages[active]
         ref = self._reference_logprobs(contexts, targets) if loss_cfg.kl_beta > 0 else None
         old = self._old_logprobs(contexts, targets) if rl.num_iterations > 1 else None
-        lengths = [len(c) + len(t) for c, t in zip(contexts, targets, strict=True)]
         stats: dict[str, list[float]] = {}
         losses: list[float] = []
         grad_norms: list[float] = []
         for _ in range(rl.num_iterations):
             total_loss = 0.0
-            for chunk in plan_batches(lengths, rl.micro_batch_tokens):
+            for chunk in plan_batches(contexts, targets, rl.micro_batch_tokens):
                 logp = forward_target_logprobs(p.policy, contexts, targets, chunk, self.params.temperature)
                 width = max(len(targets[i]) for i in chunk)
                 logp_t = pad(logp, width)

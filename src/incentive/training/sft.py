@@ -52,7 +52,7 @@ class SFTTrainer:
         n_tokens = sum(len(t) for t in targets)
         total = 0.0
         self.policy.train()
-        for chunk in plan_batches([len(c) + len(t) for c, t in batch], self.micro_batch_tokens):
+        for chunk in plan_batches(contexts, targets, self.micro_batch_tokens):
             logps = forward_target_logprobs(self.policy, contexts, targets, chunk)
             loss = -torch.cat(logps).sum() / n_tokens
             loss.backward()

@@ -323,8 +323,11 @@ class Run:
         if is_lora(policy):
             return _adapter_off(policy)
         path = self.dir / "rl-reference"
-        if not (path / "model.safetensors").exists():
-            policy.save_pretrained(path)
+        if not path.exists():
+            tmp = self.dir / ".rl-reference.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            policy.save_pretrained(tmp)
+            tmp.replace(path)
         reference = build_policy(self.recipe.model.model_copy(update={"lora": None}))
         load_policy_weights(reference, path)
         reference.eval().requires_grad_(False)

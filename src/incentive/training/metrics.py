@@ -32,7 +32,10 @@ class MetricsLog:
             return
         kept = []
         for line in self.path.read_text().splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line a killed process was writing
+                continue
             if record.get("stage") == stage and record.get("step", 0) > step:
                 continue
             kept.append(line)
@@ -41,8 +44,3 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]

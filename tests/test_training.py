@@ -176,9 +176,10 @@ def test_sigkill_at_random_moment_then_resume_matches_uninterrupted(tmp_path):
     recipe.write_text(RECIPE + body)
     # the test reward lives in this module, so runs are made in-process via a tiny launcher
     launcher = tmp_path / "launch.py"
+    tests_dir = str(Path(__file__).parent)
     launcher.write_text(
-        "import sys\nsys.path.insert(0, %r)\nimport test_training  # registers test rewards\n"
-        "from incentive.cli import main\nsys.exit(main(sys.argv[1:]))\n" % str(Path(__file__).parent)
+        f"import sys\nsys.path.insert(0, {tests_dir!r})\nimport test_training  # registers test rewards\n"
+        "from incentive.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     base = [sys.executable, str(launcher), "train", str(recipe)]
     subprocess.run([*base, "--run-dir", str(tmp_path / "full")], check=True, capture_output=True, timeout=300)

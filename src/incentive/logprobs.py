@@ -75,12 +75,13 @@ def _left_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _gather(step_logits: torch.Tensor, target: Sequence[int], temperature: float) -> torch.Tensor:
+def _token_logprobs(step_logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax of [rows, positions, vocab] logits at ``tokens`` [rows, positions], in one gather: per-row
+    slicing of the logits would make autograd allocate a zero tensor of the full logits size for every row."""
     step_logits = step_logits.float()
     if temperature != 1.0:
         step_logits = step_logits / temperature
-    tgt = torch.tensor(list(target), dtype=torch.long)
-    return torch.log_softmax(step_logits, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)
+    return torch.log_softmax(step_logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def _whole_row_logprobs(
@@ -95,15 +96,12 @@ def _whole_row_logprobs(
     ids, mask, positions = _left_padded([list(contexts[i]) + list(targets[i]) for i in indices])
     keep = max(len(targets[i]) for i in indices) + 1
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    out: list[torch.Tensor] = []
+    tokens = torch.zeros(len(indices), keep - 1, dtype=torch.long)
     for row, i in enumerate(indices):
-        n = len(targets[i])
-        out.append(
-            _gather(logits[row, keep - 1 - n : keep - 1], targets[i], temperature)
-            if n
-            else logits.new_zeros(0)
-        )
-    return out
+        if targets[i]:
+            tokens[row, keep - 1 - len(targets[i]) :] = torch.tensor(list(targets[i]), dtype=torch.long)
+    logp = _token_logprobs(logits[:, :-1], tokens, temperature)
+    return [logp[row, keep - 1 - len(targets[i]) :] for row, i in enumerate(indices)]
 
 
 def _shared_context_logprobs(
@@ -140,15 +138,9 @@ def _shared_context_logprobs(
         cache=cache,
         use_cache=True,
     ).logits
-    out: list[torch.Tensor] = []
-    for row, i in enumerate(indices):
-        n = len(targets[i])
-        if not n:
-            out.append(logits.new_zeros(0))
-            continue
-        steps = torch.cat([head.logits[owner[row], -1:], logits[row, : n - 1]], dim=0)
-        out.append(_gather(steps, targets[i], temperature))
-    return out
+    steps = torch.cat([head.logits[owner][:, -1:], logits[:, :-1]], dim=1)
+    logp = _token_logprobs(steps, tgt_ids, temperature)
+    return [logp[row, : len(targets[i])] for row, i in enumerate(indices)]
 
 
 def target_logprobs(

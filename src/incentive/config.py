@@ -38,6 +38,10 @@ class TemplateConfig(Strict):
 
 
 class GenerationConfig(Strict):
+    engine: Literal["cached", "hf"] = Field(
+        "cached",
+        description="cached: own decode loop sharing each prompt's KV cache; hf: transformers generate",
+    )
     num_generations: int = Field(4, ge=1, description="G: completions per prompt")
     prompts_per_step: int = Field(4, ge=1)
     max_new_tokens: int = Field(64, ge=1)

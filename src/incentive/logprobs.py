@@ -64,7 +64,7 @@ def forward_target_logprobs(
     return _whole_row_logprobs(model, contexts, targets, indices, temperature)
 
 
-def _left_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids, attention mask and position ids for left-padded rows."""
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -93,7 +93,7 @@ def _whole_row_logprobs(
 ) -> list[torch.Tensor]:
     """Rows left-padded so every target ends at the last position; the LM head runs only on the last
     ``max target + 1`` positions, which for a 49k vocabulary is most of the cost of short completions."""
-    ids, mask, positions = _left_padded([list(contexts[i]) + list(targets[i]) for i in indices])
+    ids, mask, positions = left_padded([list(contexts[i]) + list(targets[i]) for i in indices])
     keep = max(len(targets[i]) for i in indices) + 1
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
     tokens = torch.zeros(len(indices), keep - 1, dtype=torch.long)
@@ -116,7 +116,7 @@ def _shared_context_logprobs(
     for i in indices:
         order.setdefault(tuple(contexts[i]), len(order))
     ctx_rows = list(order)
-    ctx_ids, ctx_mask, ctx_pos = _left_padded(ctx_rows)
+    ctx_ids, ctx_mask, ctx_pos = left_padded(ctx_rows)
     head = model(
         input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True, logits_to_keep=1
     )

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from incentive.advantages import ADVANTAGES
 from incentive.config import ConfigError, Recipe, TemplateConfig
 from incentive.data import DataConfig, Example, load_examples, sft_pairs
-from incentive.engines.hf import HFEngine, SamplingParams
+from incentive.engines import ENGINES, SamplingParams
 from incentive.evaluation import evaluate
 from incentive.losses import PolicyLoss
 from incentive.models import load_tokenizer
@@ -237,7 +237,7 @@ class Run:
             policy=policy,
             tokenizer=tokenizer,
             template=self.template,
-            engine=HFEngine(policy, tokenizer),
+            engine=ENGINES.get(recipe.generation.engine)(policy, tokenizer),
             rewards=self.rewards,
             estimator=self.estimator,
             loss=PolicyLoss(

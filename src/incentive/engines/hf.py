@@ -31,7 +31,7 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.stop_ids = _stop_ids(model, tokenizer)
+        self.stop_ids = stop_token_ids(model, tokenizer)
 
     @torch.no_grad()
     def generate(
@@ -109,7 +109,7 @@ class HFEngine:
         return result
 
 
-def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = model.generation_config.eos_token_id
     stops = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:

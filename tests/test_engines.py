@@ -29,7 +29,8 @@ def test_cached_engine_greedy_equals_hf_generate(tiny, n):
     assert [c.completion_ids for c in a] == [c.completion_ids for c in b]
     assert [c.group_id for c in b] == [g for g in (5, 6, 7, 8) for _ in range(n)]
     assert all(
-        torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4) for x, y in zip(a, b, strict=True)
+        torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4)
+        for x, y in zip(a, b, strict=True)
     )
 
 

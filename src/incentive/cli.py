@@ -42,24 +42,59 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from incentive.config import TemplateConfig
+    import torch
+    import yaml
+
+    from incentive.config import ConfigError, TemplateConfig
     from incentive.data import DataConfig, load_examples
     from incentive.engines.hf import SamplingParams
-    from incentive.evaluation import evaluate
+    from incentive.evaluation import build_verifier, evaluate, markdown_report, write_report
     from incentive.models import load_tokenizer
     from incentive.run import build_template
     from incentive.training.policy import load_model_for_eval
 
-    data = DataConfig(source=args.data, size=args.size, seed=args.seed)
+    ks = sorted(set(args.k))
+    if ks[0] < 1 or ks[-1] > args.samples:
+        raise ConfigError(f"--k values must be between 1 and --samples ({args.samples}); got {ks}")
+    task_args = yaml.safe_load(args.task_args) if args.task_args else {}
+    if not isinstance(task_args, dict):
+        raise ConfigError(f"--task-args must be a mapping, e.g. '{{min_terms: 2}}'; got {args.task_args!r}")
+    try:
+        data = DataConfig(
+            source=args.data,
+            size=args.size,
+            seed=args.seed,
+            task_args=task_args,
+            prompt_field=args.prompt_field,
+            reference_field=args.reference_field,
+        )
+        verifier = build_verifier(args.verifier, args.judge, args.judge_max_new_tokens)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     examples = load_examples(data).examples
     template = build_template(TemplateConfig(name=args.template))
     model = load_model_for_eval(args.model)
-    tokenizer = load_tokenizer(args.model)
-    params = SamplingParams(args.samples, args.max_new_tokens, args.temperature)
-    result = evaluate(model, tokenizer, template, examples, params)
+    adapter = Path(args.model) / "adapter_config.json"
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.exists() else None
+    tokenizer = load_tokenizer(base or args.model)  # a LoRA adapter uses its base model's tokenizer
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
+    params = SamplingParams(args.samples, args.max_new_tokens, temperature, args.top_p)
+    torch.manual_seed(args.seed)
+    result = evaluate(
+        model, tokenizer, template, examples, params, args.batch_size, verifier, ks, progress=True
+    )
+    result.update(
+        model=args.model,
+        data=args.data,
+        verifier=args.verifier,
+        samples=args.samples,
+        temperature=temperature,
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+    print(markdown_report(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        json_path, md_path = write_report(result, Path(args.out))
+        print(f"[incentive] wrote {json_path} and {md_path}")
     return 0
 
 
@@ -88,16 +123,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a model, checkpoint or adapter on a data set or task")
-    ev.add_argument("--model", default="embedded", help="model name/path, or a checkpoint's policy folder")
-    ev.add_argument("--data", required=True, help="file or task:<reasoning-gym name>")
-    ev.add_argument("--size", type=int, default=None)
-    ev.add_argument("--seed", type=int, default=1)
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a model, checkpoint or LoRA adapter on a data set or task (accuracy, pass@k, ...)",
+    )
+    ev.add_argument(
+        "--model", default="embedded", help="model name/path, a checkpoint's policy folder, an adapter"
+    )
+    ev.add_argument("--data", required=True, help="file (jsonl/csv/parquet) or task:<reasoning-gym name>")
+    ev.add_argument("--size", type=int, default=None, help="examples (a task's default: 100; a file: all)")
+    ev.add_argument("--seed", type=int, default=1, help="task seed and sampling seed")
+    ev.add_argument(
+        "--task-args", help="reasoning-gym task settings as YAML, e.g. '{min_terms: 2, max_terms: 3}'"
+    )
+    ev.add_argument("--prompt-field", default="prompt", help="a file's prompt column")
+    ev.add_argument("--reference-field", default="reference", help="a file's reference column")
     ev.add_argument("--template", default="think-answer")
-    ev.add_argument("--samples", type=int, default=1)
-    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.add_argument("--samples", type=int, default=1, help="samples per prompt (n of pass@k)")
+    ev.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k for these k (each <= --samples)")
+    ev.add_argument("--temperature", type=float, default=None, help="default: 0 for one sample, else 1")
+    ev.add_argument("--top-p", type=float, default=1.0)
     ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--out", help="write the full result (with sample completions) as JSON here")
+    ev.add_argument("--batch-size", type=int, default=32, help="sequences generated at once")
+    ev.add_argument("--verifier", choices=["rule", "tinyv", "general_reasoner"], default="rule")
+    ev.add_argument(
+        "--judge", default="embedded", help="judge model of the tinyv / general_reasoner verifiers"
+    )
+    ev.add_argument("--judge-max-new-tokens", type=int, default=None, help="default: the verifier's own")
+    ev.add_argument(
+        "--out", help="a folder (eval.json + eval.md), or a .json path (a .md is written beside it)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     rec = sub.add_parser("recipes", help="list bundled recipes")

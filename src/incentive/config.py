@@ -31,7 +31,9 @@ class ModelConfig(Strict):
 
 class TemplateConfig(Strict):
     name: str = "think-answer"
-    think_tag: str = "think"
+    think_tag: str | None = Field(
+        None, description="default: the template's own tag (think, plan, code, ...)"
+    )
     answer_tag: str = "answer"
     system: str | None = None
     chat_template: bool = True
@@ -79,6 +81,18 @@ class OptimConfig(Strict):
     schedule: Literal["constant", "linear", "cosine"] = "constant"
 
 
+class DynamicSamplingConfig(Strict):
+    """DAPO dynamic sampling: drop groups whose rewards do not vary, refill them with fresh prompts."""
+
+    enabled: bool = False
+    max_rounds: int = Field(3, ge=0, description="extra generation rounds per step to refill dropped groups")
+
+
+class HookConfig(Strict):
+    name: str
+    args: dict[str, Any] = {}
+
+
 class RLConfig(Strict):
     steps: int = Field(0, ge=0)
     num_iterations: int = Field(1, ge=1, description="optimisation passes over each rollout batch")
@@ -88,6 +102,8 @@ class RLConfig(Strict):
     )
     skip_zero_advantage: bool = True
     max_failed_share: float = Field(0.5, ge=0, le=1)
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
+    mask_truncated: bool = Field(False, description="leave completions cut at max_new_tokens out of the loss")
 
 
 class SFTConfig(Strict):
@@ -140,6 +156,7 @@ class Recipe(Strict):
     rl: RLConfig = RLConfig()
     sft: SFTConfig = SFTConfig()
     proxy: ProxyConfig = ProxyConfig()
+    hooks: list[HookConfig] = []
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
 

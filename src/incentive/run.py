@@ -23,8 +23,10 @@ from incentive.config import ConfigError, Recipe, TemplateConfig
 from incentive.data import DataConfig, Example, load_examples, sft_pairs
 from incentive.engines import ENGINES, SamplingParams
 from incentive.evaluation import evaluate
+from incentive.hooks import HOOKS
 from incentive.losses import PolicyLoss
 from incentive.models import load_tokenizer
+from incentive.registry import Registry
 from incentive.rewards import REWARDS  # noqa: F401  (registers the built-in rewards)
 from incentive.rewards.pipeline import RewardPipeline
 from incentive.scorer import ModelScorer
@@ -48,9 +50,8 @@ class RunError(RuntimeError):
 def build_template(cfg: TemplateConfig) -> Template:
     """The recipe's template with the tag format its class declares."""
     cls = TEMPLATES.get(cfg.name)
-    return cls(
-        cls.tag_format(cfg.think_tag, cfg.answer_tag), system=cfg.system, use_chat_template=cfg.chat_template
-    )
+    tags = cls.tag_format(cfg.think_tag or cls.think_tag, cfg.answer_tag)
+    return cls(tags, system=cfg.system, use_chat_template=cfg.chat_template)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,9 +71,11 @@ class Run:
             raise ConfigError("nothing to train: rl.steps and sft.steps are both 0")
         # Everything that can be checked without a model is checked now, before minutes of loading.
         self.rewards = RewardPipeline(recipe.rewards)
-        self.estimator = ADVANTAGES.get(recipe.advantage.name)(**recipe.advantage.args)
+        self.estimator = _build(ADVANTAGES, "advantage", recipe.advantage.name, recipe.advantage.args)
+        self.hooks = [_build(HOOKS, "hook", h.name, h.args) for h in recipe.hooks]
         self.template = build_template(recipe.template)
         self.train_examples = self._load(recipe.data, "data")
+        self.estimator.fit(self.train_examples)
         self.eval_examples = self._load(recipe.eval.data, "eval.data") if recipe.eval.data else []
         sft_data = recipe.sft.data or recipe.data
         self.sft_examples = self._load(sft_data, "sft.data") if recipe.sft.steps else []
@@ -261,10 +264,16 @@ class Run:
             scheduler.load_state_dict(state["scheduler"])
             parts.sampler.load_state_dict(state["sampler"])
             trainer.group_counter = state["group_counter"]
+            trainer.state.update(state.get("shared_state", {}))  # absent in checkpoints older than hooks
+            for hook, hook_state in zip(self.hooks, state.get("hooks", [{}] * len(self.hooks)), strict=True):
+                hook.load_state_dict(hook_state)
             if proxy is not None:
                 proxy.load_state_dict(state["proxy"])
             set_rng_state(state["rng"])
             start = state["step"]
+        else:
+            for hook in self.hooks:
+                hook.start(trainer)
         self.metrics.truncate_after("rl", start)
 
         def snapshot() -> dict[str, Any]:
@@ -273,6 +282,8 @@ class Run:
                 "scheduler": scheduler.state_dict(),
                 "sampler": parts.sampler.state_dict(),
                 "group_counter": trainer.group_counter,
+                "shared_state": trainer.state,
+                "hooks": [hook.state_dict() for hook in self.hooks],
                 "proxy": proxy.state_dict() if proxy is not None else None,
                 "elapsed": elapsed,
             }
@@ -291,6 +302,8 @@ class Run:
                 if proxy is not None and recipe.proxy.sync_every and step % recipe.proxy.sync_every == 0:
                     proxy.sync(recipe.proxy.alpha)
                     record["proxy/synced"] = 1
+                for hook in self.hooks:
+                    hook.after_step(step, record, trainer)
                 if recipe.eval.every and step % recipe.eval.every == 0 and step != steps:
                     result = self._eval(f"rl-step{step}", policy, tokenizer)
                     if result:
@@ -332,6 +345,14 @@ class Run:
         load_policy_weights(reference, path)
         reference.eval().requires_grad_(False)
         return _view(reference)
+
+
+def _build(registry: Registry[Any], kind: str, name: str, args: dict[str, Any]) -> Any:
+    """A part from its registry, with a bad name or argument reported as a config error."""
+    try:
+        return registry.get(name)(**args)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{kind} '{name}': {err}") from err
 
 
 def _adapter_off(policy: PreTrainedModel) -> Any:

@@ -86,6 +86,8 @@ class Template:
     """Turns an Example into the exact prompt text the policy sees."""
 
     tag_format: ClassVar[type[TagFormat]] = TagFormat
+    think_tag: ClassVar[str] = "think"
+    """The intermediate block's tag when the recipe does not name one."""
 
     def __init__(self, tags: TagFormat, system: str | None = None, use_chat_template: bool = True) -> None:
         self.tags = tags
@@ -131,3 +133,99 @@ class InverseTemplate(Template):
 
 
 TEMPLATES.register("inverse")(InverseTemplate)
+
+
+@dataclass(frozen=True)
+class DirectFormat(TagFormat):
+    """Fast thinking (GUI-G1): no reasoning block; the whole completion is the answer. Strict when it is not
+    empty and opens no reasoning block."""
+
+    def parse(self, text: str) -> Parsed:
+        answer = text.strip()
+        return Parsed(None, answer or None, bool(answer) and f"<{self.think}>" not in answer)
+
+    def render(self, reasoning: str, answer: str) -> str:
+        return answer
+
+    def instruction(self) -> str:
+        return "Answer directly with the final answer only: no reasoning, no explanation."
+
+
+class FastThinkingTemplate(Template):
+    """GUI-G1's fast-thinking template: the task and a request to answer at once, no reasoning scaffold."""
+
+    tag_format = DirectFormat
+
+
+TEMPLATES.register("fast-thinking")(FastThinkingTemplate)
+
+
+@dataclass(frozen=True)
+class PriorFormat(TagFormat):
+    """Prior prompt engineering's output: one intermediate block, then the answer block with the result in
+    ``\\boxed{}`` (the shape the ``tag_format`` and ``answer_verifier`` rewards check)."""
+
+    def render(self, reasoning: str, answer: str) -> str:
+        t, a = self.think, self.answer
+        return f"<{t}>\n{reasoning}\n</{t}>\n<{a}>\n\\boxed{{{answer}}}\n</{a}>"
+
+    def instruction(self) -> str:
+        a = self.answer
+        return f"Then give the final answer inside <{a}> </{a}> tags, with the final result in \\boxed{{}}."
+
+
+class PriorPromptTemplate(Template):
+    """A pPE prior prompt (spec: methods/prior-prompt-engineering.md): an instruction asking for one behaviour in
+    its own tag, then the answer, placed before every query. ``behaviour`` names the tag as ``{tag}``."""
+
+    tag_format = PriorFormat
+    behaviour: ClassVar[str]
+
+    def user_message(self, example: Example) -> str:
+        t = self.tags.think
+        prior = self.behaviour.format(tag=f"<{t}> </{t}>")
+        return f"{prior} {self.tags.instruction()}\n\n{example.prompt}"
+
+
+@TEMPLATES.register("ppe-reasoning")
+class ReasoningPrior(PriorPromptTemplate):
+    """Chain-of-thought turned prior: reason step by step first."""
+
+    behaviour = "First reason through the problem step by step inside {tag} tags."
+
+
+@TEMPLATES.register("ppe-planning")
+class PlanningPrior(PriorPromptTemplate):
+    """Plan-and-solve turned prior: write a plan first, then carry it out."""
+
+    think_tag = "plan"
+    behaviour = "First devise a plan, the high-level steps that solve the problem, inside {tag} tags."
+
+
+@TEMPLATES.register("ppe-code")
+class CodePrior(PriorPromptTemplate):
+    """Program-of-thought turned prior: write code that computes the answer (never executed)."""
+
+    think_tag = "code"
+    behaviour = "First write Python code that computes the answer inside {tag} tags (the code is not run)."
+
+
+@TEMPLATES.register("ppe-knowledge")
+class KnowledgePrior(PriorPromptTemplate):
+    """Generated-knowledge turned prior: recall the facts, definitions and formulas needed first."""
+
+    think_tag = "knowledge"
+    behaviour = (
+        "First recall the knowledge the problem needs (facts, definitions, formulas) inside {tag} tags."
+    )
+
+
+@TEMPLATES.register("ppe-null-example")
+class NullExamplePrior(PriorPromptTemplate):
+    """Null-shot turned prior: refer to an "Examples" section that is never given (the paper's best prior)."""
+
+    think_tag = "examples"
+    behaviour = (
+        'First look at the examples in the "Examples" section and use the examples and information from that '
+        "section inside {tag} tags."
+    )

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from incentive.data.example import Example
 from incentive.registry import Registry
 from incentive.rollout.types import RolloutBatch
 from incentive.templates import Parsed, TagFormat
@@ -25,22 +26,32 @@ class Scorer(Protocol):
     ) -> list[torch.Tensor]: ...
 
 
+Generate = Callable[[Sequence[Example], int], RolloutBatch]
+"""n extra completions per example from the current policy (rendered with the run's template, sampled as in
+training; group id i belongs to examples[i]); they are for the reward's eyes only and never trained on."""
+
+
 @dataclass
 class RewardContext:
-    """What a reward part may look at besides the completions."""
+    """What a reward part may look at besides the completions. ``state`` is shared with the run's hooks (e.g.
+    LASER-D's target lengths) and saved in checkpoints; ``cache`` lives for one batch."""
 
     tokenizer: PreTrainedTokenizerBase
     tags: TagFormat
     step: int = 0
     scorer: Scorer | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None
+    generate: Generate | None = None
 
     def parsed(self, batch: RolloutBatch) -> list[Parsed]:
         """Each completion parsed once per step, shared by all reward parts."""
-        key = f"parsed:{id(batch)}"
-        if key not in self.cache:
-            self.cache[key] = [self.tags.parse(c.text) for c in batch]
-        return self.cache[key]
+        cached = self.cache.get("parsed")
+        if cached is None or cached[0] is not batch:  # the batch itself is kept, so a reused id() can't match
+            cached = (batch, [self.tags.parse(c.text) for c in batch])
+            self.cache["parsed"] = cached
+        return cached[1]
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from incentive.config import ConfigError, RewardConfig
@@ -13,17 +14,49 @@ from incentive.rollout.types import RolloutBatch
 
 @dataclass
 class Scored:
-    """Total reward per completion (NaN where any part failed) and what went into it."""
+    """Total reward per completion (NaN where any part failed) and what went into it; ``failed_parts[i]`` names
+    each part that failed completion i, with its reason."""
 
     total: list[float]
     components: dict[str, list[float]]
     extras: dict[str, list[float]]
-    failures: Counter[str] = field(default_factory=Counter)
+    failed_parts: list[list[str]] = field(default_factory=list)
     reasons: list[list[str]] = field(default_factory=list)
 
     @property
     def failed(self) -> list[bool]:
         return [not math.isfinite(t) for t in self.total]
+
+    @property
+    def failures(self) -> Counter[str]:
+        """How often each "part: reason" failure occurred."""
+        return Counter(key for keys in self.failed_parts for key in keys)
+
+    def select(self, indices: Sequence[int]) -> Scored:
+        """The scores of some completions, in the given order."""
+        return Scored(
+            [self.total[i] for i in indices],
+            {k: [v[i] for i in indices] for k, v in self.components.items()},
+            {k: [v[i] for i in indices] for k, v in self.extras.items()},
+            [self.failed_parts[i] for i in indices],
+            [self.reasons[i] for i in indices],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Scored]) -> Scored:
+        """Scores of batches scored by the same pipeline, one after the other."""
+
+        def join(key: str) -> dict[str, list[float]]:
+            names = {name for part in parts for name in getattr(part, key)}
+            return {name: [x for part in parts for x in getattr(part, key)[name]] for name in names}
+
+        return Scored(
+            [t for part in parts for t in part.total],
+            join("components"),
+            join("extras"),
+            [f for part in parts for f in part.failed_parts],
+            [r for part in parts for r in part.reasons],
+        )
 
 
 class RewardPipeline:
@@ -48,7 +81,7 @@ class RewardPipeline:
         n = len(batch)
         total = [0.0] * n
         reasons: list[list[str]] = [[] for _ in range(n)]
-        failures: Counter[str] = Counter()
+        failed_parts: list[list[str]] = [[] for _ in range(n)]
         components: dict[str, list[float]] = {}
         extras: dict[str, list[float]] = {}
         for name, weight, part in self.parts:
@@ -63,8 +96,8 @@ class RewardPipeline:
                     total[i] += weight * score
                 else:
                     total[i] = math.nan
-                    failures[f"{name}: {reason or 'non-finite score'}"] += 1
-        return Scored(total, components, extras, failures, reasons)
+                    failed_parts[i].append(f"{name}: {reason or 'non-finite score'}")
+        return Scored(total, components, extras, failed_parts, reasons)
 
     @staticmethod
     def _run(name: str, part: Reward, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:

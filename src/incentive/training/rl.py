@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -70,34 +71,94 @@ class RLTrainer:
         gen = recipe.generation
         self.params = SamplingParams(gen.num_generations, gen.max_new_tokens, gen.temperature, gen.top_p)
         self.group_counter = 0
+        self.state: dict[str, Any] = {}
+        """Shared with hooks and rewards (``RewardContext.state``); saved in checkpoints."""
 
     def step(self, step: int) -> dict[str, Any]:
         """Run one step and return its metrics record."""
-        p, gen = self.p, self.recipe.generation
+        p, rl = self.p, self.recipe.rl
+        times = {"generate": 0.0, "reward": 0.0}
+        batch, scored = self._rollout(step, p.sampler.take(self.recipe.generation.prompts_per_step), times)
+        sampling: dict[str, float] = {}
+        update = True
+        if rl.dynamic_sampling.enabled:
+            kept, kept_scores, sampling = self._dynamic_sampling(step, batch, scored, times)
+            update = len(kept) > 0  # nothing varied even after refills: log the first round, skip the update
+            if update:
+                batch, scored = kept, kept_scores
+        scores = torch.tensor(scored.total, dtype=torch.float64)
+        advantages = p.estimator(scores, batch.group_ids, [c.example for c in batch])
         t0 = time.perf_counter()
-        examples = p.sampler.take(gen.prompts_per_step)
+        train_stats = self._optimise(batch, advantages, scored.failed) if update else self._skip_update()
+        t_train = time.perf_counter() - t0
+        record = self._record(
+            step, batch, scored, advantages, train_stats, times["generate"], times["reward"], t_train
+        )
+        return {**record, **sampling}
+
+    def _rollout(
+        self, step: int, examples: Sequence[Example], times: dict[str, float]
+    ) -> tuple[RolloutBatch, Scored]:
+        """G completions per example, scored; stops the run when too many fail their rewards."""
+        p = self.p
+        t0 = time.perf_counter()
         prompts = [p.template.render(e, p.tokenizer) for e in examples]
         group_ids = list(range(self.group_counter, self.group_counter + len(examples)))
         self.group_counter += len(examples)
         batch = p.engine.generate(examples, prompts, group_ids, self.params)
-        t_gen = time.perf_counter() - t0
-
-        ctx = RewardContext(p.tokenizer, p.template.tags, step=step, scorer=p.scorer)
+        t1 = time.perf_counter()
+        ctx = RewardContext(
+            p.tokenizer,
+            p.template.tags,
+            step=step,
+            scorer=p.scorer,
+            state=self.state,
+            max_new_tokens=self.params.max_new_tokens,
+            generate=self._extra_rollouts,
+        )
         scored = p.rewards(batch, ctx)
-        t_reward = time.perf_counter() - t0 - t_gen
+        times["generate"] += t1 - t0
+        times["reward"] += time.perf_counter() - t1
         failed = scored.failed
-        share = sum(failed) / len(batch)
-        if share > self.recipe.rl.max_failed_share:
+        if sum(failed) / len(batch) > self.recipe.rl.max_failed_share:
             raise TooManyFailures(
                 f"step {step}: {sum(failed)}/{len(batch)} completions failed their rewards "
                 f"(limit {self.recipe.rl.max_failed_share:.0%}): {dict(scored.failures)}"
             )
-        scores = torch.tensor(scored.total, dtype=torch.float64)
-        advantages = p.estimator(scores, batch.group_ids)
+        return batch, scored
 
-        train_stats = self._optimise(batch, advantages, failed)
-        t_train = time.perf_counter() - t0 - t_gen - t_reward
-        return self._record(step, batch, scored, advantages, train_stats, t_gen, t_reward, t_train)
+    def _extra_rollouts(self, examples: Sequence[Example], n: int) -> RolloutBatch:
+        """Completions a reward asks for (e.g. on shuffled inputs): group id i is examples[i]; never trained on."""
+        p = self.p
+        prompts = [p.template.render(e, p.tokenizer) for e in examples]
+        ids = list(range(len(examples)))
+        return p.engine.generate(examples, prompts, ids, dataclasses.replace(self.params, n=n))
+
+    def _dynamic_sampling(
+        self, step: int, batch: RolloutBatch, scored: Scored, times: dict[str, float]
+    ) -> tuple[RolloutBatch, Scored, dict[str, float]]:
+        """DAPO dynamic sampling: keep the groups whose valid rewards vary (the others carry no signal) and
+        refill the step with fresh prompts, for at most ``max_rounds`` extra generation rounds."""
+        want = self.recipe.generation.prompts_per_step
+        kept: list[tuple[RolloutBatch, Scored]] = []
+        have = dropped = rounds = 0
+        while True:
+            keep = [idx for idx in batch.groups().values() if _varies([scored.total[i] for i in idx])]
+            have += len(keep)
+            dropped += len(batch.groups()) - len(keep)
+            flat = [i for idx in keep for i in idx]
+            kept.append((RolloutBatch([batch.completions[i] for i in flat]), scored.select(flat)))
+            if have >= want or rounds >= self.recipe.rl.dynamic_sampling.max_rounds:
+                break
+            rounds += 1
+            batch, scored = self._rollout(step, self.p.sampler.take(want - have), times)
+        merged = RolloutBatch([c for b, _ in kept for c in b])
+        stats = {
+            "sampling/kept_groups": float(have),
+            "sampling/dropped_groups": float(dropped),
+            "sampling/extra_rounds": float(rounds),
+        }
+        return merged, Scored.concat([s for _, s in kept]), stats
 
     def _optimise(
         self, batch: RolloutBatch, advantages: torch.Tensor, failed: list[bool]
@@ -105,16 +166,13 @@ class RLTrainer:
         """Policy-gradient update on the batch; skips the forward/backward work that would contribute zero."""
         p, rl, loss_cfg = self.p, self.recipe.rl, self.recipe.loss
         valid = [i for i, f in enumerate(failed) if not f and batch.completions[i].length > 0]
+        masked = {i for i in valid if batch.completions[i].truncated} if rl.mask_truncated else set()
+        valid = [i for i in valid if i not in masked]
         totals = Totals(tokens=sum(batch.completions[i].length for i in valid), sequences=len(valid))
         needs_all = loss_cfg.kl_beta > 0 or not rl.skip_zero_advantage
         active = valid if needs_all else [i for i in valid if advantages[i] != 0]
         if not active:
-            with (
-                warnings.catch_warnings()
-            ):  # no optimizer step on purpose: the schedule still follows the step
-                warnings.simplefilter("ignore", UserWarning)
-                p.scheduler.step()
-            return {"skipped": 1.0}
+            return {**self._skip_update(), "masked_truncated": float(len(masked))}
         comps = [batch.completions[i] for i in active]
         contexts = [c.prompt_ids for c in comps]
         targets = [c.completion_ids for c in comps]
@@ -147,7 +205,15 @@ class RLTrainer:
         out["nonfinite_updates"] = float(sum(not math.isfinite(g) for g in grad_norms))
         out["skipped"] = 0.0
         out["trained_sequences"] = float(len(active))
+        out["masked_truncated"] = float(len(masked))
         return out
+
+    def _skip_update(self) -> dict[str, float]:
+        """No optimizer step on purpose; the schedule still follows the step."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self.p.scheduler.step()
+        return {"skipped": 1.0}
 
     def _optimizer_step(self) -> float:
         params = [q for g in self.p.optimizer.param_groups for q in g["params"] if q.grad is not None]
@@ -224,3 +290,9 @@ def _sample(c: Completion, scored: Scored, i: int) -> dict[str, Any]:
         "components": {k: v[i] for k, v in scored.components.items()},
         "reasons": scored.reasons[i],
     }
+
+
+def _varies(scores: Sequence[float]) -> bool:
+    """Whether a group's valid rewards differ (a group of one, or of equal rewards, has no signal)."""
+    finite = [x for x in scores if math.isfinite(x)]
+    return len(finite) > 1 and max(finite) > min(finite)

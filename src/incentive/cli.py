@@ -47,7 +47,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from incentive.config import ConfigError, TemplateConfig
     from incentive.data import DataConfig, load_examples
-    from incentive.engines.hf import SamplingParams
+    from incentive.engines import SamplingParams
     from incentive.evaluation import build_verifier, evaluate, markdown_report, write_report
     from incentive.models import load_tokenizer
     from incentive.run import build_template

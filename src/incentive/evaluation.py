@@ -13,7 +13,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.data.example import Example
-from incentive.engines.hf import HFEngine, SamplingParams
+from incentive.engines import HFEngine, SamplingParams
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
 from incentive.rewards.verifier import RuleVerifier
 from incentive.rollout.types import Completion, RolloutBatch

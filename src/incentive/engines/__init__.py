@@ -1,11 +1,12 @@
 """Rollout engines: prompts in, grouped completions with token ids and logprobs out, chosen by name."""
 
+from incentive.engines.base import Engine, SamplingParams
 from incentive.engines.cached import CachedEngine
-from incentive.engines.hf import HFEngine, SamplingParams
+from incentive.engines.hf import HFEngine
 from incentive.registry import Registry
 
-ENGINES: Registry[type[HFEngine] | type[CachedEngine]] = Registry("engine")
+ENGINES: Registry[type[Engine]] = Registry("engine")
 ENGINES.register("hf")(HFEngine)
 ENGINES.register("cached")(CachedEngine)
 
-__all__ = ["ENGINES", "CachedEngine", "HFEngine", "SamplingParams"]
+__all__ = ["ENGINES", "CachedEngine", "Engine", "HFEngine", "SamplingParams"]

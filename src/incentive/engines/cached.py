@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.data.example import Example
-from incentive.engines.hf import SamplingParams, stop_token_ids
+from incentive.engines.base import Engine, SamplingParams
 from incentive.logprobs import left_padded
-from incentive.rollout.types import Completion, RolloutBatch
+from incentive.rollout.types import Completion
 
 
 def sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,39 +31,8 @@ def sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, 
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class CachedEngine:
+class CachedEngine(Engine):
     """Same interface as :class:`HFEngine`; faster on CPU for groups of samples."""
-
-    def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.stop_ids = stop_token_ids(model, tokenizer)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        examples: Sequence[Example],
-        prompts: Sequence[str],
-        group_ids: Sequence[int],
-        params: SamplingParams,
-    ) -> RolloutBatch:
-        """``params.n`` completions for each prompt; completion k of prompt i carries ``group_ids[i]``."""
-        completions: list[Completion] = []
-        per_call = max(1, self.batch_size // params.n)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(prompts), per_call):
-                stop = start + per_call
-                completions += self._chunk(
-                    examples[start:stop], prompts[start:stop], group_ids[start:stop], params
-                )
-        finally:
-            self.model.train(was_training)
-        return RolloutBatch(completions)
 
     def _chunk(
         self,

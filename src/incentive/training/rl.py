@@ -17,8 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from incentive.advantages import AdvantageEstimator
 from incentive.config import Recipe
 from incentive.data.example import Example
-from incentive.engines.cached import CachedEngine
-from incentive.engines.hf import HFEngine, SamplingParams
+from incentive.engines import Engine, SamplingParams
 from incentive.logprobs import forward_target_logprobs, plan_batches, target_logprobs
 from incentive.losses import PolicyLoss, Totals
 from incentive.rewards.base import RewardContext, Scorer
@@ -42,7 +41,7 @@ class RLParts:
     policy: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     template: Template
-    engine: HFEngine | CachedEngine
+    engine: Engine
     rewards: RewardPipeline
     estimator: AdvantageEstimator
     loss: PolicyLoss

@@ -1,0 +1,77 @@
+"""What every rollout engine shares: sampling settings, chunking prompts into batches, stop tokens."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from incentive.data.example import Example
+from incentive.rollout.types import Completion, RolloutBatch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample; temperature 0 means greedy."""
+
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+class Engine(ABC):
+    """Generates with the live policy; logprobs are of the sampled tokens at the sampling temperature."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.stop_ids = stop_token_ids(model, tokenizer)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        examples: Sequence[Example],
+        prompts: Sequence[str],
+        group_ids: Sequence[int],
+        params: SamplingParams,
+    ) -> RolloutBatch:
+        """``params.n`` completions for each prompt; completion k of prompt i carries ``group_ids[i]``."""
+        completions: list[Completion] = []
+        per_call = max(1, self.batch_size // params.n)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(prompts), per_call):
+                stop = start + per_call
+                completions += self._chunk(
+                    examples[start:stop], prompts[start:stop], group_ids[start:stop], params
+                )
+        finally:
+            self.model.train(was_training)
+        return RolloutBatch(completions)
+
+    @abstractmethod
+    def _chunk(
+        self,
+        examples: Sequence[Example],
+        prompts: Sequence[str],
+        group_ids: Sequence[int],
+        params: SamplingParams,
+    ) -> list[Completion]:
+        """All completions of a batch of prompts that fits ``batch_size`` sequences."""
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids = model.generation_config.eos_token_id
+    stops = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    return sorted(stops)

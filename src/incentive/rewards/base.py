@@ -7,7 +7,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -16,6 +16,8 @@ from incentive.data.example import Example
 from incentive.registry import Registry
 from incentive.rollout.types import RolloutBatch
 from incentive.templates import Parsed, TagFormat
+
+T = TypeVar("T")
 
 
 class Scorer(Protocol):
@@ -45,13 +47,18 @@ class RewardContext:
     max_new_tokens: int | None = None
     generate: Generate | None = None
 
-    def parsed(self, batch: RolloutBatch) -> list[Parsed]:
-        """Each completion parsed once per step, shared by all reward parts."""
-        cached = self.cache.get("parsed")
-        if cached is None or cached[0] is not batch:  # the batch itself is kept, so a reused id() can't match
-            cached = (batch, [self.tags.parse(c.text) for c in batch])
-            self.cache["parsed"] = cached
+    def per_batch(self, key: str, batch: RolloutBatch, compute: Callable[[], T]) -> T:
+        """``compute()`` once per batch and key, shared by all reward parts. The batch itself is kept beside the
+        value, so a later batch that happens to reuse the same ``id()`` can never be served a stale result."""
+        cached = self.cache.get(key)
+        if cached is None or cached[0] is not batch:
+            cached = (batch, compute())
+            self.cache[key] = cached
         return cached[1]
+
+    def parsed(self, batch: RolloutBatch) -> list[Parsed]:
+        """Each completion parsed once per batch, shared by all reward parts."""
+        return self.per_batch("parsed", batch, lambda: [self.tags.parse(c.text) for c in batch])
 
 
 @dataclass

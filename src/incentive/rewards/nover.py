@@ -83,12 +83,13 @@ def reasoning_perplexity(
 
     Context = the prompt ids the policy saw + the reasoning block; target = the answer block with the reference.
     They are tokenized separately and concatenated, so no token spans the boundary (spec pitfall 3) and exactly the
-    target's tokens are scored. Cached per batch and settings in ``ctx.cache``.
+    target's tokens are scored. Cached per batch and settings through ``ctx.per_batch``.
     """
     settings = settings or PerplexitySettings()
-    key = f"nover:{id(batch)}:{settings}"
-    if key in ctx.cache:
-        return ctx.cache[key]
+    return ctx.per_batch(f"nover:{settings}", batch, lambda: _perplexity(batch, ctx, settings))
+
+
+def _perplexity(batch: RolloutBatch, ctx: RewardContext, settings: PerplexitySettings) -> ReasoningPerplexity:
     if ctx.scorer is None:
         raise ValueError(
             "NOVER rewards need a scorer in the reward context (the trainer passes one with a proxy)"
@@ -127,9 +128,7 @@ def reasoning_perplexity(
             valid[i] = True
             log_ppl_raw[i] = nll
             log_ppl[i] = nll / normaliser(lengths[i], settings.log_base)
-    result = ReasoningPerplexity(valid, reasons, lengths, log_ppl, log_ppl_raw)
-    ctx.cache[key] = result
-    return result
+    return ReasoningPerplexity(valid, reasons, lengths, log_ppl, log_ppl_raw)
 
 
 def rank_rewards(values: Sequence[float], valid: Sequence[bool]) -> list[float]:

@@ -21,11 +21,12 @@ class Outcome:
 
 def outcomes(batch: RolloutBatch, ctx: RewardContext, timeout_s: float = 5.0) -> list[Outcome]:
     """Outcomes of a batch, cached in ``ctx.cache`` so several parts share one verifier pass."""
-    key = f"outcomes:{id(batch)}"
-    if key not in ctx.cache:
+
+    def compute() -> list[Outcome]:
         verdicts = RuleVerifier(timeout_s=timeout_s).verdicts(batch, ctx)
-        ctx.cache[key] = [
+        return [
             Outcome(p.strict, p.strict and v.correct)
             for p, v in zip(ctx.parsed(batch), verdicts, strict=True)
         ]
-    return ctx.cache[key]
+
+    return ctx.per_batch("outcomes", batch, compute)

@@ -24,6 +24,7 @@ from incentive.rewards.nover import (
     NoverEfficiency,
     NoverReasoning,
     efficiency_rewards,
+    group_ranks,
     normaliser,
     rank_rewards,
     reasoning_perplexity,
@@ -232,6 +233,12 @@ def test_rank_rewards() -> None:
     assert rank_rewards([2.0, 1.0, 2.0], [True, True, True]) == pytest.approx(
         [2 / 3, 1.0, 1 / 3]
     )  # ties: earlier wins
+
+
+def test_group_ranks_logged_per_sample() -> None:
+    ranks = group_ranks([3.0, math.inf, 1.5, 2.0], [True, False, True, True])
+    assert ranks[0] == 3 and math.isnan(ranks[1]) and ranks[2:] == [1, 2]
+    assert group_ranks([2.0, 2.0], [True, True]) == [1, 2]
 
 
 def test_efficiency_rewards() -> None:
@@ -625,3 +632,28 @@ def test_rewards_with_real_scorer_and_lora_proxy(tok, base_model) -> None:
     assert reasoning.extras["ppl"][0] == pytest.approx(
         math.exp(nll / normaliser(len(ids(tok, "6 times 7 is 42")))), rel=1e-4
     )
+
+
+def test_logged_sample_carries_reasoning_and_nover_details() -> None:
+    from incentive.rewards.pipeline import Scored
+    from incentive.training.rl import _sample
+
+    example = Example(id="e", prompt="p", reference="4")
+    completion = Completion(0, example, "p", [1], [2, 3], "<think>2+2</think><answer>4</answer>")
+    scored = Scored(
+        [1.5],
+        {"nover_reasoning": [1.0]},
+        {
+            "nover_reasoning/ppl": [1.7],
+            "nover_reasoning/rank": [1.0],
+            "nover_efficiency/reasoning_tokens": [math.nan],
+        },
+        [[]],
+        [[]],
+    )
+    sample = _sample(completion, scored, 0, "2+2")
+    assert sample["reasoning"] == "2+2"
+    assert sample["details"] == {
+        "nover_reasoning": {"ppl": 1.7, "rank": 1.0},
+        "nover_efficiency": {"reasoning_tokens": None},
+    }

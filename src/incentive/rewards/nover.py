@@ -131,14 +131,22 @@ def _perplexity(batch: RolloutBatch, ctx: RewardContext, settings: PerplexitySet
     return ReasoningPerplexity(valid, reasons, lengths, log_ppl, log_ppl_raw)
 
 
+def group_ranks(values: Sequence[float], valid: Sequence[bool]) -> list[float]:
+    """One group: 1-based rank by ascending value among the valid ones (ties favour the earlier index); NaN for
+    invalid ones. Logged next to each sample so a reader sees where its reasoning stood."""
+    order = sorted((i for i in range(len(values)) if valid[i]), key=lambda i: values[i])
+    out = [math.nan] * len(values)
+    for rank, i in enumerate(order):
+        out[i] = float(rank + 1)
+    return out
+
+
 def rank_rewards(values: Sequence[float], valid: Sequence[bool]) -> list[float]:
     """One group: (n − k)/n for the valid one of 0-based rank k by ascending value (stable: ties favour the earlier
     index); 0 for invalid ones. Any increasing transform of P_r (e.g. its log) gives the same ranks."""
-    order = sorted((i for i in range(len(values)) if valid[i]), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    for rank, i in enumerate(order):
-        out[i] = (len(order) - rank) / len(order)
-    return out
+    ranks = group_ranks(values, valid)
+    count = sum(valid)
+    return [(count - r + 1) / count if math.isfinite(r) else 0.0 for r in ranks]
 
 
 def efficiency_rewards(lengths: Sequence[int], values: Sequence[float], valid: Sequence[bool]) -> list[float]:
@@ -177,7 +185,10 @@ class NoverReasoning(_NoverPart):
         scores = _per_group(
             batch, lambda idx: rank_rewards([rp.log_ppl[i] for i in idx], [rp.valid[i] for i in idx])
         )
-        return RewardResult(scores, list(rp.reasons), {"ppl": rp.ppl, "ppl_raw": rp.ppl_raw})
+        ranks = _per_group(
+            batch, lambda idx: group_ranks([rp.log_ppl[i] for i in idx], [rp.valid[i] for i in idx])
+        )
+        return RewardResult(scores, list(rp.reasons), {"ppl": rp.ppl, "ppl_raw": rp.ppl_raw, "rank": ranks})
 
 
 @REWARDS.register("nover_efficiency")

@@ -271,24 +271,43 @@ class RLTrainer:
             **{f"train/{k}": v for k, v in train.items()},
         }
         record["advantage/zero_share"] = float((advantages == 0).float().mean())
+        reasonings = [self.p.template.tags.parse(c.text).reasoning for c in batch]
+        reasoning_tokens = [
+            float(len(self.p.tokenizer.encode(r, add_special_tokens=False))) for r in reasonings if r
+        ]
+        record.update(summarize("length/reasoning", reasoning_tokens))
         for name, values in scored.components.items():
             record.update(summarize(f"reward/{name}", values))
         for name, values in scored.extras.items():
             record.update(summarize(f"extra/{name}", values))
-        record["samples"] = [_sample(c, scored, i) for i, c in enumerate(batch.completions[: self.params.n])]
+        record["samples"] = [
+            _sample(c, scored, i, reasonings[i]) for i, c in enumerate(batch.completions[: self.params.n])
+        ]
         return record
 
 
-def _sample(c: Completion, scored: Scored, i: int) -> dict[str, Any]:
+def _sample(c: Completion, scored: Scored, i: int, reasoning: str | None) -> dict[str, Any]:
+    """One logged completion with its rewards, its reasoning and each part's per-sample values (e.g. NOVER's
+    perplexity and its rank in the group); non-finite values become null so the JSON stays standard."""
+    details: dict[str, dict[str, float | None]] = {}
+    for key, values in scored.extras.items():
+        part, _, name = key.partition("/")
+        details.setdefault(part, {})[name] = _finite(values[i])
     return {
         "group": c.group_id,
         "prompt": c.example.prompt,
         "reference": c.example.reference,
         "completion": c.text,
-        "reward": scored.total[i],
-        "components": {k: v[i] for k, v in scored.components.items()},
+        "reward": _finite(scored.total[i]),
+        "components": {k: _finite(v[i]) for k, v in scored.components.items()},
         "reasons": scored.reasons[i],
+        "reasoning": reasoning,
+        "details": details,
     }
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _varies(scores: Sequence[float]) -> bool:

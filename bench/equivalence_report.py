@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from progress import Progress
+
 from incentive.data import Example
 from incentive.models import load_tokenizer
 from incentive.rewards import REWARDS, Reward, RewardContext
@@ -127,7 +129,10 @@ def main() -> None:
     ctx = RewardContext(tokenizer, TagFormat())
     results: dict[str, Any] = {}
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, verifier in verifiers(args.judge, args.gr_max_new_tokens, args.out).items():
+    chosen = verifiers(args.judge, args.gr_max_new_tokens, args.out)
+    progress = Progress("equivalence", len(chosen))
+    for name, verifier in chosen.items():
+        progress.start(f"verifier '{name}' on {len(batch)} answers")
         start = time.perf_counter()
         result = verifier(batch, ctx)
         correct = [bool(c) for c in result.extras.get("correct", [s >= 1 for s in result.scores])]

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from progress import Progress
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = 134.5e6
 PROMPTS, GENERATIONS, NEW_TOKENS = 4, 4, 64
@@ -216,13 +218,14 @@ def main() -> None:
         },
         "variants": {},
     }
+    progress = Progress("bench", len(args.variants) * args.reps * 2)
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:
             raw: dict[str, list[dict]] = {"trl": [], "incentive": []}
             for rep in range(args.reps):
                 for tool in ("trl", "incentive"):
                     out = Path(tmp) / f"{tool}-{variant}-{rep}.json"
-                    print(f"[bench] {variant}: {tool}, repetition {rep + 1}/{args.reps}", flush=True)
+                    progress.start(f"{variant}: {tool}, repetition {rep + 1}/{args.reps}")
                     subprocess.run(
                         [sys.executable, __file__, "--child", tool, variant, str(args.steps), str(out)],
                         check=True,

@@ -15,11 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from progress import Progress
+
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "{min_terms: 2, max_terms: 3, min_digits: 1, max_digits: 2}"
 
 
-def train(recipe: str, run_dir: Path, sets: list[str]) -> None:
+def train(recipe: str, run_dir: Path, sets: list[str], progress: Progress) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -30,6 +32,7 @@ def train(recipe: str, run_dir: Path, sets: list[str]) -> None:
         str(run_dir),
     ]
     cmd += ["--overwrite"] + [x for s in sets for x in ("--set", s)]
+    progress.start(f"arm '{run_dir.name}' ({recipe})")
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -57,7 +60,8 @@ def main() -> None:
         f"data.task_args={TASK}",
         "run.seed=0",
     ]
-    train("demo.yaml", out / "sft", common + ["rl.steps=0"])
+    progress = Progress("study", 3)
+    train("demo.yaml", out / "sft", common + ["rl.steps=0"], progress)
     sft_policy = next((out / "sft" / "checkpoints").glob("sft-*")) / "policy"
     rl = [
         f"model.name={sft_policy}",
@@ -66,8 +70,8 @@ def main() -> None:
         f"rl.time_budget_s={args.budget}",
         f"eval.every={args.eval_every}",
     ]
-    train("grpo-chain-sum.yaml", out / "grpo", common + rl + ["generation.temperature=0.7"])
-    train("demo.yaml", out / "nover", common + rl)
+    train("grpo-chain-sum.yaml", out / "grpo", common + rl + ["generation.temperature=0.7"], progress)
+    train("demo.yaml", out / "nover", common + rl, progress)
     report(out, args.budget)
 
 

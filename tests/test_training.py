@@ -12,7 +12,7 @@ from incentive.config import ConfigError, load_recipe
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
 from incentive.rollout.types import RolloutBatch
 from incentive.run import Run, RunError
-from incentive.training.rl import RLTrainer
+from incentive.training.rl import RLTrainer, TooManyFailures
 
 
 @REWARDS.register("test-even-tokens")
@@ -122,6 +122,37 @@ def test_failing_reward_is_recorded_not_fatal(tmp_path):
     records = rl_records(run.dir)
     assert all(r["failed"] == 4 for r in records)
     assert all("test-flaky: non-finite score" in r["failures"] for r in records)
+
+
+BROKEN = {"at": None}
+
+
+@REWARDS.register("test-breaks-at")
+class BreaksAt(Reward):
+    """Even-token share, but every sample fails at the step named in ``BROKEN`` (a reward server going down)."""
+
+    def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
+        if ctx.step == BROKEN["at"]:
+            raise ConnectionError("reward server unreachable")
+        return EvenTokens()(batch, ctx)
+
+
+def test_too_many_failures_saves_checkpoint_and_resume_retries_the_step(tmp_path):
+    body = "rl: {steps: 4}\noptim: {lr: 1.0e-3}\nrewards: [{name: test-breaks-at}]\n"
+    full = make_run(tmp_path, body, name="full")
+    full.execute()
+
+    BROKEN["at"] = 3
+    try:
+        with pytest.raises(TooManyFailures, match="rl-000002 holds the run as it was before this step"):
+            make_run(tmp_path, body, name="broken").execute()
+    finally:
+        BROKEN["at"] = None
+    broken_dir = tmp_path / "broken"
+    assert (broken_dir / "checkpoints/latest").read_text() == "rl-000002"
+    assert [r["step"] for r in rl_records(broken_dir)] == [1, 2]
+    make_run(tmp_path, body, name="broken", resume=True).execute()
+    assert [comparable(r) for r in rl_records(full.dir)] == [comparable(r) for r in rl_records(broken_dir)]
 
 
 def test_sigterm_saves_and_stops_then_resume_finishes(tmp_path):

@@ -1,4 +1,4 @@
-"""Command line: ``incentive train RECIPE``, ``incentive eval``, ``incentive recipes``."""
+"""Command line: ``incentive train RECIPE``, ``incentive eval``, ``incentive report``, ``incentive recipes``."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import yaml
 
     from incentive.config import ConfigError, TemplateConfig
-    from incentive.data import DataConfig, load_examples
+    from incentive.data import DataConfig, fit_to_context, load_examples
     from incentive.engines import SamplingParams
     from incentive.evaluation import build_verifier, evaluate, markdown_report, write_report
-    from incentive.models import load_tokenizer
+    from incentive.models import context_length, load_tokenizer
     from incentive.run import build_template
     from incentive.training.policy import load_model_for_eval
 
@@ -67,16 +67,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             task_args=task_args,
             prompt_field=args.prompt_field,
             reference_field=args.reference_field,
+            on_error=args.on_error,
         )
         verifier = build_verifier(args.verifier, args.judge, args.judge_max_new_tokens)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    examples = load_examples(data).examples
+    loaded = load_examples(data)
+    if loaded.skipped:
+        print(f"[incentive] skipped {len(loaded.skipped)} bad rows, e.g. {loaded.skipped[0]}")
+    examples = loaded.examples
     template = build_template(TemplateConfig(name=args.template))
-    model = load_model_for_eval(args.model)
     adapter = Path(args.model) / "adapter_config.json"
     base = json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.exists() else None
     tokenizer = load_tokenizer(base or args.model)  # a LoRA adapter uses its base model's tokenizer
+    examples, too_long = fit_to_context(
+        examples,
+        data,
+        lambda e: len(tokenizer(template.render(e, tokenizer)).input_ids),
+        args.max_new_tokens,
+        context_length(base or args.model),
+    )
+    if too_long:
+        print(f"[incentive] skipped {len(too_long)} prompts too long for the model, e.g. {too_long[0]}")
+    model = load_model_for_eval(args.model)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
     params = SamplingParams(args.samples, args.max_new_tokens, temperature, args.top_p)
     torch.manual_seed(args.seed)
@@ -95,6 +108,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         json_path, md_path = write_report(result, Path(args.out))
         print(f"[incentive] wrote {json_path} and {md_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from incentive.report import ReportError, default_out, write_report
+
+    run_dirs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else default_out(run_dirs)
+    try:
+        html = write_report(run_dirs, out)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[incentive] report: {html} (plots as PNG files beside it)")
     return 0
 
 
@@ -138,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--prompt-field", default="prompt", help="a file's prompt column")
     ev.add_argument("--reference-field", default="reference", help="a file's reference column")
+    ev.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a bad row (or a prompt too long for the model) stops the eval, or is left out and counted",
+    )
     ev.add_argument("--template", default="think-answer")
     ev.add_argument("--samples", type=int, default=1, help="samples per prompt (n of pass@k)")
     ev.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k for these k (each <= --samples)")
@@ -154,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="a folder (eval.json + eval.md), or a .json path (a .md is written beside it)"
     )
     ev.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser(
+        "report",
+        help="an HTML report (plots, sample completions) of one run, or several overlaid for comparison",
+        description="Write RUN_DIR/report/report.html (one run) or ./report/report.html (several runs, one "
+        "line per run, labelled by folder name) and a PNG per plot beside it: reward per component, held-out "
+        "accuracy, completion and reasoning length, KL and clip fraction, throughput, failures by reason, "
+        "SFT loss, and a per-step browser of the logged completions with their rewards. The page is "
+        "self-contained: it opens offline and can be mailed as one file.",
+        epilog="example: incentive report runs/grpo runs/nover --out reports/grpo-vs-nover",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding metrics.jsonl")
+    report.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/report, or ./report)")
+    report.set_defaults(func=cmd_report)
 
     rec = sub.add_parser("recipes", help="list bundled recipes")
     rec.set_defaults(func=cmd_recipes)

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from incentive.data.config import DataConfig
+from incentive.training.sinks import BACKENDS, check_installed
 
 
 class Strict(BaseModel):
@@ -132,6 +133,24 @@ class EvalConfig(Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class ToolConfig(Strict):
+    """A tool the policy may call during rollouts (see incentive.tools), with its constructor arguments."""
+
+    name: str
+    args: dict[str, Any] = {}
+
+
+class ToolsConfig(Strict):
+    """Multi-turn rollouts: a ``</tool_call>`` ends a turn, the tool runs, its output (masked from the loss)
+    joins the context and generation goes on; ``generation.max_new_tokens`` bounds what the policy writes."""
+
+    tools: list[ToolConfig] = Field(min_length=1)
+    max_calls: int = Field(4, ge=1, description="calls that execute; one more ends the episode")
+    max_observation_tokens: int = Field(256, ge=1, description="a longer tool output is cut")
+    call_tag: str = "tool_call"
+    response_tag: str = "tool_response"
+
+
 class RunConfig(Strict):
     output_dir: str = "runs"
     name: str | None = None
@@ -139,6 +158,20 @@ class RunConfig(Strict):
     threads: int | None = None
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end of each stage")
     keep_last: int = Field(2, ge=1)
+
+
+class LoggingConfig(Strict):
+    """Live logging besides metrics.jsonl; each backend is optional, and one turned on must be installed."""
+
+    tensorboard: bool = Field(False, description="event files in RUN_DIR/tensorboard")
+    trackio: bool = Field(False, description="a local trackio run (`trackio show` opens the dashboard)")
+    wandb: bool = Field(False, description="an offline Weights & Biases run in RUN_DIR/wandb")
+    project: str = Field("incentive", description="trackio / W&B project; the run is named after its folder")
+
+    @model_validator(mode="after")
+    def _installed(self) -> LoggingConfig:
+        check_installed([switch for switch in BACKENDS if getattr(self, switch)])
+        return self
 
 
 class Recipe(Strict):
@@ -149,6 +182,7 @@ class Recipe(Strict):
     data: DataConfig
     template: TemplateConfig = TemplateConfig()
     generation: GenerationConfig = GenerationConfig()
+    tools: ToolsConfig | None = None
     rewards: list[RewardConfig] = [RewardConfig(name="format"), RewardConfig(name="verifier")]
     advantage: AdvantageConfig = AdvantageConfig()
     loss: LossConfig = LossConfig()
@@ -159,6 +193,7 @@ class Recipe(Strict):
     hooks: list[HookConfig] = []
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

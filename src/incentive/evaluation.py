@@ -13,7 +13,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.data.example import Example
-from incentive.engines import HFEngine, SamplingParams
+from incentive.engines import Engine, HFEngine, SamplingParams
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
 from incentive.rewards.verifier import RuleVerifier
 from incentive.rollout.types import Completion, RolloutBatch
@@ -53,22 +53,28 @@ def evaluate(
     batch_size: int = 32,
     verifier: Reward | None = None,
     ks: Sequence[int] = (1,),
-    progress: bool = False,
+    progress: bool = True,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
-    """Generate ``params.n`` samples per example and judge them (rule verifier by default); see :func:`summarize_eval`."""
-    engine = HFEngine(model, tokenizer, batch_size=batch_size)
+    """Generate ``params.n`` samples per example and judge them (rule verifier by default); see :func:`summarize_eval`.
+    ``progress`` shows a bar (stderr) over the prompts with an ETA, then while the verifier judges; ``engine``
+    (default HF generate) is how completions are sampled, e.g. with tool calls."""
+    engine = engine or HFEngine(model, tokenizer, batch_size=batch_size)
     per_call = max(1, batch_size // params.n)
     completions: list[Completion] = []
-    with tqdm(total=len(examples), desc="eval", unit="prompt", disable=not progress) as bar:
+    verifier = verifier or RuleVerifier()
+    with tqdm(total=len(examples), desc="eval", unit="prompt", leave=False, disable=not progress) as bar:
+        bar.set_postfix_str("generating")
         for start in range(0, len(examples), per_call):
             chunk = examples[start : start + per_call]
             prompts = [template.render(e, tokenizer) for e in chunk]
             ids = list(range(start, start + len(chunk)))
             completions += engine.generate(chunk, prompts, ids, params).completions
             bar.update(len(chunk))
-    batch = RolloutBatch(completions)
-    ctx = RewardContext(tokenizer, template.tags)
-    result = (verifier or RuleVerifier())(batch, ctx)
+        bar.set_postfix_str(f"judging {len(completions)} completions ({type(verifier).__name__})")
+        batch = RolloutBatch(completions)
+        ctx = RewardContext(tokenizer, template.tags)
+        result = verifier(batch, ctx)
     return summarize_eval(batch, result, ctx.parsed(batch), ks)
 
 

@@ -20,25 +20,28 @@ from transformers import PreTrainedModel
 
 from incentive.advantages import ADVANTAGES
 from incentive.config import ConfigError, Recipe, TemplateConfig
-from incentive.data import DataConfig, Example, load_examples, sft_pairs
-from incentive.engines import ENGINES, SamplingParams
+from incentive.data import DataConfig, Example, fit_to_context, load_examples, sft_pairs
+from incentive.engines import ENGINES, Engine, SamplingParams
+from incentive.engines.tools import ToolEngine
 from incentive.evaluation import evaluate
 from incentive.hooks import HOOKS
 from incentive.losses import PolicyLoss
-from incentive.models import load_tokenizer
+from incentive.models import context_length, load_tokenizer
 from incentive.registry import Registry
 from incentive.rewards import REWARDS  # noqa: F401  (registers the built-in rewards)
 from incentive.rewards.pipeline import RewardPipeline
 from incentive.scorer import ModelScorer
 from incentive.templates import TEMPLATES, Template
-from incentive.training.checkpoint import Checkpoints, set_rng_state
+from incentive.tools import TOOLS, CallProtocol, Tool
+from incentive.training.checkpoint import Checkpoints, rng_state, set_rng_state
 from incentive.training.metrics import MetricsLog
 from incentive.training.optim import build_optimizer, build_scheduler
 from incentive.training.policy import build_policy, is_lora, load_policy_weights, trainable_parameters
-from incentive.training.rl import RLParts, RLTrainer
+from incentive.training.rl import RLParts, RLTrainer, TooManyFailures
 from incentive.training.sampler import EpochSampler
-from incentive.training.sft import SFTTrainer
+from incentive.training.sft import ObservationMaskingEncoder, SFTTrainer
 from incentive.training.signals import GracefulStop, StopRequested
+from incentive.training.sinks import build_sinks
 
 STAGES = ("sft", "rl")
 
@@ -74,22 +77,59 @@ class Run:
         self.estimator = _build(ADVANTAGES, "advantage", recipe.advantage.name, recipe.advantage.args)
         self.hooks = [_build(HOOKS, "hook", h.name, h.args) for h in recipe.hooks]
         self.template = build_template(recipe.template)
-        self.train_examples = self._load(recipe.data, "data")
+        self.tools = self._build_tools()
+        self.tokenizer = load_tokenizer(recipe.model.name)
+        self.context = context_length(recipe.model.name)
+        gen_tokens = recipe.generation.max_new_tokens
+        self.train_examples = self._load(recipe.data, "data", gen_tokens)
         self.estimator.fit(self.train_examples)
-        self.eval_examples = self._load(recipe.eval.data, "eval.data") if recipe.eval.data else []
+        eval_tokens = recipe.eval.max_new_tokens or gen_tokens
+        self.eval_examples = (
+            self._load(recipe.eval.data, "eval.data", eval_tokens) if recipe.eval.data else []
+        )
         sft_data = recipe.sft.data or recipe.data
-        self.sft_examples = self._load(sft_data, "sft.data") if recipe.sft.steps else []
+        self.sft_examples = self._load(sft_data, "sft.data", 0) if recipe.sft.steps else []
         self.sft_targets = sft_pairs(self.sft_examples, self.template.tags) if self.sft_examples else []
         self._prepare_dir(overwrite)
-        self.metrics = MetricsLog(self.dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl", build_sinks(recipe, self.dir))
         self.checkpoints = Checkpoints(self.dir / "checkpoints", recipe.run.keep_last)
 
-    @staticmethod
-    def _load(cfg: DataConfig, name: str) -> list[Example]:
+    def _build_tools(self) -> dict[str, Tool]:
+        cfg = self.recipe.tools
+        if cfg is None:
+            return {}
+        if self.recipe.generation.engine != "cached":
+            raise ConfigError("tools need generation.engine: cached (its decode loop runs the tool turns)")
+        return {t.name: _build(TOOLS, "tool", t.name, t.args) for t in cfg.tools}
+
+    def _engine(self, policy: PreTrainedModel, tokenizer: Any, batch_size: int = 64) -> Engine:
+        """The recipe's rollout engine; with tools, wrapped so calls execute between turns."""
+        engine = ENGINES.get(self.recipe.generation.engine)(policy, tokenizer, batch_size)
+        cfg = self.recipe.tools
+        if cfg is None:
+            return engine
+        return ToolEngine(
+            engine, self.tools, self._protocol(), cfg.max_calls, cfg.max_observation_tokens, self.context
+        )
+
+    def _protocol(self) -> CallProtocol:
+        cfg = self.recipe.tools
+        return CallProtocol(cfg.call_tag, cfg.response_tag) if cfg else CallProtocol()
+
+    def _load(self, cfg: DataConfig, name: str, max_new_tokens: int) -> list[Example]:
+        """Valid examples whose prompts fit the model's context with room for ``max_new_tokens``."""
         result = load_examples(cfg)
-        if result.skipped:
-            print(f"[incentive] {name}: skipped {len(result.skipped)} bad rows, e.g. {result.skipped[0]}")
-        return result.examples
+        examples, too_long = fit_to_context(
+            result.examples,
+            cfg,
+            lambda e: len(self.tokenizer(self.template.render(e, self.tokenizer)).input_ids),
+            max_new_tokens,
+            self.context,
+        )
+        skipped = result.skipped + too_long
+        if skipped:
+            print(f"[incentive] {name}: skipped {len(skipped)} bad rows, e.g. {skipped[0]}")
+        return examples
 
     def _prepare_dir(self, overwrite: bool) -> None:
         config_file = self.dir / "config.yaml"
@@ -130,7 +170,10 @@ class Run:
         start = time.perf_counter()
         with torch.random.fork_rng():
             torch.manual_seed(self.recipe.run.seed + 7919)
-            result = evaluate(policy, tokenizer, self.template, self.eval_examples, params, cfg.batch_size)
+            engine = self._engine(policy, tokenizer, cfg.batch_size) if self.tools else None
+            result = evaluate(
+                policy, tokenizer, self.template, self.eval_examples, params, cfg.batch_size, engine=engine
+            )
         result["seconds"] = time.perf_counter() - start
         self._save_eval(key, result)
         print(
@@ -146,7 +189,7 @@ class Run:
         if recipe.run.threads:
             torch.set_num_threads(recipe.run.threads)
         seed_everything(recipe.run.seed)
-        tokenizer = load_tokenizer(recipe.model.name)
+        tokenizer = self.tokenizer
         policy = build_policy(recipe.model)
         ckpt = self.checkpoints.latest() if self.resume else None
         state = self.checkpoints.load_state(ckpt) if ckpt else None
@@ -165,6 +208,7 @@ class Run:
         evals = self._evals()
         summary = {k: {m: v[m] for m in ("accuracy", "format_rate", "length_mean")} for k, v in evals.items()}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics.close()
         return summary
 
     def _run_sft(self, policy: PreTrainedModel, tokenizer: Any, state: dict[str, Any] | None) -> None:
@@ -184,6 +228,7 @@ class Run:
             recipe.run.seed,
             recipe.rl.micro_batch_tokens,
             recipe.optim.max_grad_norm,
+            ObservationMaskingEncoder(tokenizer, self._protocol()) if self.tools else None,
         )
         start = 0
         if state is not None:
@@ -240,7 +285,7 @@ class Run:
             policy=policy,
             tokenizer=tokenizer,
             template=self.template,
-            engine=ENGINES.get(recipe.generation.engine)(policy, tokenizer),
+            engine=self._engine(policy, tokenizer),
             rewards=self.rewards,
             estimator=self.estimator,
             loss=PolicyLoss(
@@ -295,7 +340,18 @@ class Run:
             tqdm(range(start + 1, steps + 1), desc="RL", unit="step", initial=start, total=steps) as bar,
         ):
             for step in bar:
-                record = trainer.step(step)
+                before = (parts.sampler.state_dict(), trainer.group_counter, rng_state())
+                try:
+                    record = trainer.step(step)
+                except TooManyFailures as err:
+                    parts.sampler.load_state_dict(before[0])
+                    trainer.group_counter = before[1]
+                    set_rng_state(before[2])
+                    saved = self.checkpoints.save("rl", step - 1, policy, tokenizer, snapshot())
+                    raise TooManyFailures(
+                        f"{err}\n  checkpoint {saved.name} holds the run as it was before this step; after fixing "
+                        f"the cause, retry the step with: incentive train <recipe> --run-dir {self.dir} --resume"
+                    ) from err
                 elapsed += record["time/generate_s"] + record["time/reward_s"] + record["time/train_s"]
                 record["time/rl_elapsed_s"] = elapsed
                 out_of_time = budget is not None and elapsed >= budget

@@ -2,7 +2,8 @@
 
 from incentive.data.config import DataConfig
 from incentive.data.example import DataError, Example
+from incentive.data.fit import fit_to_context
 from incentive.data.loaders import LoadResult, load_examples
 from incentive.data.solutions import sft_pairs
 
-__all__ = ["DataConfig", "DataError", "Example", "LoadResult", "load_examples", "sft_pairs"]
+__all__ = ["DataConfig", "DataError", "Example", "LoadResult", "fit_to_context", "load_examples", "sft_pairs"]

@@ -32,3 +32,5 @@ class Example:
     domain: str | None = None
     difficulty: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    row: int | None = field(default=None, hash=False, compare=False)
+    """1-based row in its source, so later checks (e.g. prompt length in tokens) can name it."""

@@ -232,6 +232,7 @@ def _file_example(cfg: DataConfig, stem: str, number: int, row: Row) -> Example:
         domain=domain,
         difficulty=difficulty,
         metadata={key: value for key, value in row.items() if key not in mapped},
+        row=number,
     )
 
 
@@ -293,4 +294,5 @@ def _task_example(cfg: DataConfig, task: str, number: int, entry: Row) -> Exampl
         domain=task,
         difficulty=None,
         metadata={"task": task, "entry": entry},
+        row=number,
     )

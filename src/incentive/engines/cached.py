@@ -4,6 +4,7 @@ rows leave the batch, and there is no per-step ``generate`` machinery. Greedy ou
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,16 @@ def sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, 
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+@dataclass
+class Turn:
+    """One sampled continuation: its tokens and logprobs, and why it ended (``eos``, ``stop`` text, or
+    ``length`` when its token limit ran out)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    ended_by: str
+
+
 class CachedEngine(Engine):
     """Same interface as :class:`HFEngine`; faster on CPU for groups of samples."""
 
@@ -42,31 +53,66 @@ class CachedEngine(Engine):
         params: SamplingParams,
     ) -> list[Completion]:
         prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        ids, mask, positions = left_padded(prompt_ids)
+        turns = self.decode(prompt_ids, params)
+        return [
+            Completion(
+                group_id=group_ids[row // params.n],
+                example=examples[row // params.n],
+                prompt_text=prompts[row // params.n],
+                prompt_ids=prompt_ids[row // params.n],
+                completion_ids=turn.tokens,
+                text=self.tokenizer.decode(turn.tokens, skip_special_tokens=True),
+                logprobs=turn.logprobs,
+                truncated=turn.ended_by == "length",
+            )
+            for row, turn in enumerate(turns)
+        ]
+
+    @torch.no_grad()
+    def decode(
+        self,
+        contexts: Sequence[list[int]],
+        params: SamplingParams,
+        limits: Sequence[int] | None = None,
+        stop_text: str | None = None,
+    ) -> list[Turn]:
+        """``params.n`` continuations of each token context (row k·n + j is sample j of context k), each prefilled
+        once; row r stops at an end token, at ``stop_text`` (kept), or after ``limits[r]`` tokens (default
+        ``params.max_new_tokens``)."""
+        ids, mask, positions = left_padded(list(contexts))
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
-        owner = torch.arange(len(prompts)).repeat_interleave(params.n)
+        owner = torch.arange(len(contexts)).repeat_interleave(params.n)
         cache = out.cache
         cache.batch_select_indices(owner)
         mask = mask[owner]
         logits = out.logits[owner, -1]
-        next_pos = torch.tensor([len(p) for p in prompt_ids])[owner]
+        next_pos = torch.tensor([len(c) for c in contexts])[owner]
+        limit = list(limits) if limits is not None else [params.max_new_tokens] * len(owner)
         rows = torch.arange(len(owner))
         tokens: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] = [[] for _ in rows]
-        finished = [False] * len(owner)
+        ended = ["length"] * len(owner)
         stops = torch.tensor(self.stop_ids)
-        for step in range(params.max_new_tokens):
+        tail = len(stop_text) + 2 if stop_text else 0
+        for _ in range(max(limit, default=0)):
             new, lp = sample(logits, params)
-            for row, token, value in zip(rows.tolist(), new.tolist(), lp.tolist(), strict=True):
+            done = torch.isin(new, stops)
+            for k, (row, token, value) in enumerate(
+                zip(rows.tolist(), new.tolist(), lp.tolist(), strict=True)
+            ):
                 tokens[row].append(token)
                 logprobs[row].append(value)
-            done = torch.isin(new, stops)
-            for row in rows[done].tolist():
-                finished[row] = True
+                if done[k]:
+                    ended[row] = "eos"
+                elif stop_text and stop_text in self.tokenizer.decode(tokens[row][-tail:]):
+                    ended[row] = "stop"
+                    done[k] = True
+                elif len(tokens[row]) >= limit[row]:
+                    done[k] = True
             keep = ~done
-            if step == params.max_new_tokens - 1 or not keep.any():
+            if not keep.any():
                 break
             if not keep.all():
                 cache.batch_select_indices(keep.nonzero().squeeze(-1))
@@ -80,16 +126,4 @@ class CachedEngine(Engine):
                 use_cache=True,
             ).logits[:, -1]
             next_pos = next_pos + 1
-        return [
-            Completion(
-                group_id=group_ids[owner[row]],
-                example=examples[owner[row]],
-                prompt_text=prompts[owner[row]],
-                prompt_ids=prompt_ids[owner[row]],
-                completion_ids=tokens[row],
-                text=self.tokenizer.decode(tokens[row], skip_special_tokens=True),
-                logprobs=logprobs[row],
-                truncated=not finished[row],
-            )
-            for row in range(len(owner))
-        ]
+        return [Turn(t, lp, e) for t, lp, e in zip(tokens, logprobs, ended, strict=True)]

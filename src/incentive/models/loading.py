@@ -126,6 +126,15 @@ def resolve(name: str) -> Path:
         ) from err
 
 
+def context_length(name: str) -> int | None:
+    """The model's maximum sequence length from its config.json (None when it declares none)."""
+    config = json.loads((resolve(name) / "config.json").read_text())
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Tokenizer for a model name; pads on the left for generation, with a pad token always set."""
     tokenizer = AutoTokenizer.from_pretrained(resolve(name))

@@ -1,6 +1,6 @@
-"""Pixel Reasoner's curiosity-driven shaping (spec: methods/pixel-reasoner.md), on a text stand-in where a tool
-call is a ``<tool_call>…</tool_call>`` block in the completion (counted, not executed: the toolkit has no
-multi-turn environment yet). Add it to a correctness reward: r_i = c_i + α·r_curiosity + β·r_penalty."""
+"""Pixel Reasoner's curiosity-driven shaping (spec: methods/pixel-reasoner.md) and its tool-aware correctness:
+r_i = c_i + α·r_curiosity + β·r_penalty. Calls are counted by the tool engine when a recipe has ``tools`` (they
+executed), otherwise as ``<tool_call>…</tool_call>`` blocks in the text."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Literal, get_args
 
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
+from incentive.rewards.verifier import RuleVerifier
 from incentive.rollout.types import RolloutBatch
 
 CuriosityForm = Literal["paper", "release"]
@@ -65,7 +66,7 @@ class CuriosityBonus(Reward):
         self.call = re.compile(rf"<{tag}>.*?</{tag}>", re.DOTALL)
 
     def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
-        calls = [len(self.call.findall(c.text)) for c in batch]
+        calls = [int(c.info.get("tool_calls", len(self.call.findall(c.text)))) for c in batch]
         scores, rates = [0.0] * len(batch), [0.0] * len(batch)
         for idx in batch.groups().values():
             terms, rapr = curiosity_terms(
@@ -74,3 +75,17 @@ class CuriosityBonus(Reward):
             for i, term in zip(idx, terms, strict=True):
                 scores[i], rates[i] = term, rapr
         return RewardResult(scores, extras={"rapr": rates, "tool_calls": [float(n) for n in calls]})
+
+
+@REWARDS.register("tool_verifier")
+class ToolAwareVerifier(RuleVerifier):
+    """The rule verifier, except that a correct answer after a tool error never repaired by a later successful
+    call scores 0 (the release's ``final_error_flags``, read at the rollout's own index)."""
+
+    def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
+        result = super().__call__(batch, ctx)
+        for i, completion in enumerate(batch):
+            if completion.info.get("final_tool_error") and result.scores[i] > 0:
+                result.scores[i] = 0.0
+                result.reasons[i] = "correct, but the last tool call failed and was never repaired"
+        return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from incentive.data.example import Example
 
@@ -20,10 +21,19 @@ class Completion:
     text: str
     logprobs: list[float] = field(default_factory=list)
     truncated: bool = False
+    loss_mask: list[float] | None = None
+    """Per completion token, 1 where the policy wrote it and 0 where a tool did (None: all the policy's)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """What the rollout learned on the way, e.g. ``tool_calls`` and ``final_tool_error`` of a tool episode."""
 
     @property
     def length(self) -> int:
         return len(self.completion_ids)
+
+    @property
+    def trained_mask(self) -> list[float]:
+        """The loss mask, all ones when the policy wrote every token."""
+        return self.loss_mask if self.loss_mask is not None else [1.0] * len(self.completion_ids)
 
 
 @dataclass

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from incentive.training.sinks import MetricsSink
+
 
 def summarize(prefix: str, values: Sequence[float]) -> dict[str, float]:
     """mean/min/max of the finite values under ``prefix/…``; empty when none are finite."""
@@ -22,10 +24,12 @@ def summarize(prefix: str, values: Sequence[float]) -> dict[str, float]:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; on resume, drops lines past the checkpoint so nothing is doubled."""
+    """Appends one JSON object per line; on resume, drops lines past the checkpoint so nothing is doubled.
+    Each record also goes to the live-logging ``sinks`` (TensorBoard, trackio, W&B) the recipe turned on."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sinks: Sequence[MetricsSink] = ()) -> None:
         self.path = path
+        self.sinks = list(sinks)
 
     def truncate_after(self, stage: str, step: int) -> None:
         if not self.path.exists():
@@ -44,3 +48,10 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        """Flush and close the sinks (the JSONL file is closed after every write)."""
+        for sink in self.sinks:
+            sink.close()

@@ -167,7 +167,9 @@ class RLTrainer:
         valid = [i for i, f in enumerate(failed) if not f and batch.completions[i].length > 0]
         masked = {i for i in valid if batch.completions[i].truncated} if rl.mask_truncated else set()
         valid = [i for i in valid if i not in masked]
-        totals = Totals(tokens=sum(batch.completions[i].length for i in valid), sequences=len(valid))
+        totals = Totals(
+            tokens=sum(sum(batch.completions[i].trained_mask) for i in valid), sequences=len(valid)
+        )
         needs_all = loss_cfg.kl_beta > 0 or not rl.skip_zero_advantage
         active = valid if needs_all else [i for i in valid if advantages[i] != 0]
         if not active:
@@ -187,7 +189,7 @@ class RLTrainer:
                 logp = forward_target_logprobs(p.policy, contexts, targets, chunk, self.params.temperature)
                 width = max(len(targets[i]) for i in chunk)
                 logp_t = pad(logp, width)
-                mask = pad([[1.0] * len(targets[i]) for i in chunk], width)
+                mask = pad([comps[i].trained_mask for i in chunk], width)
                 old_t = pad([old[i] for i in chunk], width) if old else logp_t.detach()
                 ref_t = pad([ref[i] for i in chunk], width) if ref else None
                 loss, chunk_stats = p.loss(logp_t, old_t, adv[chunk], mask, totals, ref_t)
@@ -280,6 +282,7 @@ class RLTrainer:
             record.update(summarize(f"reward/{name}", values))
         for name, values in scored.extras.items():
             record.update(summarize(f"extra/{name}", values))
+        record.update(_tool_stats(batch))
         record["samples"] = [
             _sample(c, scored, i, reasonings[i]) for i, c in enumerate(batch.completions[: self.params.n])
         ]
@@ -303,6 +306,21 @@ def _sample(c: Completion, scored: Scored, i: int, reasoning: str | None) -> dic
         "reasons": scored.reasons[i],
         "reasoning": reasoning,
         "details": details,
+    }
+
+
+def _tool_stats(batch: RolloutBatch) -> dict[str, float]:
+    """Tool use of a multi-turn batch: calls per rollout, share that used a tool, errors, policy-written length."""
+    episodes = [c for c in batch if "tool_calls" in c.info]
+    if not episodes:
+        return {}
+    executed = sum(c.info["tool_executed"] for c in episodes)
+    return {
+        "tools/calls_mean": sum(c.info["tool_calls"] for c in episodes) / len(episodes),
+        "tools/use_rate": sum(c.info["tool_calls"] > 0 for c in episodes) / len(episodes),
+        "tools/error_rate": sum(len(c.info["tool_errors"]) for c in episodes) / max(1, executed),
+        "tools/final_error_share": sum(c.info["final_tool_error"] for c in episodes) / len(episodes),
+        **summarize("length/generated", [sum(c.trained_mask) for c in episodes]),
     }
 
 

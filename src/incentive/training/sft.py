@@ -10,7 +10,38 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.logprobs import forward_target_logprobs, plan_batches
+from incentive.tools import CallProtocol
 from incentive.training.sampler import EpochSampler
+
+
+class TargetEncoder:
+    """A target completion → its token ids with EOS appended, and a loss mask (all ones)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def __call__(self, target: str) -> tuple[list[int], list[float]]:
+        ids = self.tokenizer(target, add_special_tokens=False).input_ids + self.eos
+        return ids, [1.0] * len(ids)
+
+
+class ObservationMaskingEncoder(TargetEncoder):
+    """Tool observations in a target trace are tokenized on their own, as the tool engine places them, and left
+    out of the loss (SFT on assistant turns only)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, protocol: CallProtocol) -> None:
+        super().__init__(tokenizer)
+        self.protocol = protocol
+
+    def __call__(self, target: str) -> tuple[list[int], list[float]]:
+        ids: list[int] = []
+        mask: list[float] = []
+        for piece, is_observation in self.protocol.split_responses(target):
+            piece_ids = self.tokenizer(piece, add_special_tokens=False).input_ids
+            ids += piece_ids
+            mask += [0.0 if is_observation else 1.0] * len(piece_ids)
+        return ids + self.eos, mask + [1.0] * len(self.eos)
 
 
 class SFTTrainer:
@@ -27,6 +58,7 @@ class SFTTrainer:
         seed: int,
         micro_batch_tokens: int,
         max_grad_norm: float | None,
+        encoder: TargetEncoder | None = None,
     ) -> None:
         self.policy = policy
         self.optimizer = optimizer
@@ -34,12 +66,9 @@ class SFTTrainer:
         self.batch_size = batch_size
         self.micro_batch_tokens = micro_batch_tokens
         self.max_grad_norm = max_grad_norm
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        encode = encoder or TargetEncoder(tokenizer)
         encoded = [
-            (
-                tokenizer(prompt, add_special_tokens=False).input_ids,
-                tokenizer(target, add_special_tokens=False).input_ids + eos,
-            )
+            (tokenizer(prompt, add_special_tokens=False).input_ids, *encode(target))
             for prompt, target in pairs
         ]
         self.sampler = EpochSampler(encoded, seed)
@@ -47,14 +76,16 @@ class SFTTrainer:
     def step(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         batch = self.sampler.take(self.batch_size)
-        contexts = [c for c, _ in batch]
-        targets = [t for _, t in batch]
-        n_tokens = sum(len(t) for t in targets)
+        contexts = [c for c, _, _ in batch]
+        targets = [t for _, t, _ in batch]
+        masks = [torch.tensor(m) for _, _, m in batch]
+        n_tokens = int(sum(float(m.sum()) for m in masks))
         total = 0.0
         self.policy.train()
         for chunk in plan_batches(contexts, targets, self.micro_batch_tokens):
             logps = forward_target_logprobs(self.policy, contexts, targets, chunk)
-            loss = -torch.cat(logps).sum() / n_tokens
+            weighted = torch.cat([lp * masks[i] for lp, i in zip(logps, chunk, strict=True)])
+            loss = -weighted.sum() / n_tokens
             loss.backward()
             total += float(loss.detach())
         params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
@@ -71,6 +102,6 @@ class SFTTrainer:
             "grad_norm": float(norm),
             "lr": self.scheduler.get_last_lr()[0],
             "tokens": n_tokens,
-            "throughput/train_tokens_per_s": sum(len(c) + len(t) for c, t in batch) / elapsed,
+            "throughput/train_tokens_per_s": sum(len(c) + len(t) for c, t, _ in batch) / elapsed,
             "time/step_s": elapsed,
         }

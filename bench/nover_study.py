@@ -37,6 +37,16 @@ def train(recipe: str, run_dir: Path, sets: list[str], progress: Progress) -> No
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def common_settings(eval_size: int) -> list[str]:
+    """--set overrides every arm of a chain_sum study shares: the task, the held-out set (greedy), the seed."""
+    return [
+        f"eval.data={{source: 'task:chain_sum', size: {eval_size}, seed: 12345, task_args: {TASK}}}",
+        "eval.max_new_tokens=64",
+        f"data.task_args={TASK}",
+        "run.seed=0",
+    ]
+
+
 def load(run_dir: Path) -> tuple[dict, list[dict]]:
     evals = json.loads((run_dir / "evals.json").read_text())
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -54,12 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    common = [
-        f"eval.data={{source: 'task:chain_sum', size: {args.eval_size}, seed: 12345, task_args: {TASK}}}",
-        "eval.max_new_tokens=64",
-        f"data.task_args={TASK}",
-        "run.seed=0",
-    ]
+    common = common_settings(args.eval_size)
     progress = Progress("study", 3)
     train("demo.yaml", out / "sft", common + ["rl.steps=0"], progress)
     sft_policy = next((out / "sft" / "checkpoints").glob("sft-*")) / "policy"

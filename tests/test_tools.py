@@ -4,6 +4,7 @@ episode loop's termination and loss mask, the tool-aware verifier, and observati
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -197,11 +198,16 @@ def test_tool_verifier_zeroes_a_correct_answer_after_an_unrepaired_error() -> No
             completion("<answer>6</answer>", 0, final_tool_error=True, tool_calls=1),
             completion("<answer>6</answer>", 0, final_tool_error=False, tool_calls=1),
             completion("<answer>7</answer>", 0, final_tool_error=True, tool_calls=1),
+            completion("<answer>6</answer>", 0),
         ]
     )
     result = ToolAwareVerifier()(batch, RewardContext(None, TagFormat()))
-    assert result.scores == [0.0, 1.0, 0.0]
+    assert result.scores == [0.0, 1.0, 0.0, 1.0]
     assert "never repaired" in str(result.reasons[0])
+    assert result.extras["correct_with_tool"][:3] == [0.0, 1.0, 0.0]
+    assert (
+        math.isnan(result.extras["correct_with_tool"][3]) and result.extras["correct_without_tool"][3] == 1.0
+    )
 
 
 def test_curiosity_counts_executed_calls_from_the_engine() -> None:
@@ -250,6 +256,22 @@ def test_grid_task_traces_replay_through_the_tools() -> None:
         assert row["reasoning"].endswith(f"is {row['reference']}.")
 
 
-def test_released_data_is_the_generator_output() -> None:
-    shipped = Path(__file__).parents[1] / "recipes" / "data" / "grid-zoom.jsonl"
-    assert [json.loads(x) for x in shipped.read_text().splitlines()] == make_rows()
+@pytest.mark.parametrize(("name", "count", "seed"), [("grid-zoom", 64, 0), ("grid-zoom-eval", 48, 1)])
+def test_shipped_data_is_the_generator_output(name: str, count: int, seed: int) -> None:
+    shipped = Path(__file__).parents[1] / "recipes" / "data" / f"{name}.jsonl"
+    assert [json.loads(x) for x in shipped.read_text().splitlines()] == make_rows(count, seed)
+
+
+def test_tools_need_the_cached_engine_and_known_names(tmp_path: Path) -> None:
+    from incentive.config import ConfigError, load_recipe
+    from incentive.run import Run
+
+    recipe = Path(__file__).parents[1] / "recipes" / "pixel-reasoner.yaml"
+    base = ["model.name=tiny-random", "sft.steps=0", "eval.data=null"]
+    with pytest.raises(ConfigError, match="tools need generation.engine: cached"):
+        Run(load_recipe(recipe, [*base, "generation.engine=hf"]), tmp_path / "a")
+    with pytest.raises(ConfigError, match="unknown tool 'zoom'; known: crop_grid, select_frames"):
+        Run(load_recipe(recipe, [*base, "tools.tools=[{name: zoom}]"]), tmp_path / "b")
+    with pytest.raises(ConfigError, match="tool 'crop_grid'.*unexpected keyword"):
+        Run(load_recipe(recipe, [*base, "tools.tools=[{name: crop_grid, args: {zoom: 2}}]"]), tmp_path / "c")
+    assert not (tmp_path / "a").exists()

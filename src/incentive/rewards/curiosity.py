@@ -4,6 +4,7 @@ executed), otherwise as ``<tool_call>…</tool_call>`` blocks in the text."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Literal, get_args
@@ -80,7 +81,8 @@ class CuriosityBonus(Reward):
 @REWARDS.register("tool_verifier")
 class ToolAwareVerifier(RuleVerifier):
     """The rule verifier, except that a correct answer after a tool error never repaired by a later successful
-    call scores 0 (the release's ``final_error_flags``, read at the rollout's own index)."""
+    call scores 0 (the release's ``final_error_flags``, read at the rollout's own index). Logs accuracy with and
+    without a tool call (NaN where a completion is in the other set, so each mean is over its own set)."""
 
     def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
         result = super().__call__(batch, ctx)
@@ -88,4 +90,12 @@ class ToolAwareVerifier(RuleVerifier):
             if completion.info.get("final_tool_error") and result.scores[i] > 0:
                 result.scores[i] = 0.0
                 result.reasons[i] = "correct, but the last tool call failed and was never repaired"
+        used = [int(c.info.get("tool_calls", 0)) > 0 for c in batch]
+        correct = [float(s >= 1.0) for s in result.scores]
+        result.extras["correct_with_tool"] = [
+            c if u else math.nan for c, u in zip(correct, used, strict=True)
+        ]
+        result.extras["correct_without_tool"] = [
+            math.nan if u else c for c, u in zip(correct, used, strict=True)
+        ]
         return result

@@ -3,10 +3,12 @@ maxima. Cell questions need ``crop_grid``; block questions are answerable from t
 an SFT trace, some with a failed call that is then repaired.
 
     python -m incentive.tools.grid_data recipes/data/grid-zoom.jsonl
+    python -m incentive.tools.grid_data recipes/data/grid-zoom-eval.jsonl --count 48 --seed 1
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -79,9 +81,13 @@ def make_rows(count: int = 64, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> None:
-    out = Path(argv[0] if argv else "grid-zoom.jsonl")
-    out.write_text("".join(json.dumps(r) + "\n" for r in make_rows()))
-    print(f"wrote {out}")
+    parser = argparse.ArgumentParser(description="Write the grid-zoom task as JSON lines.")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.count, args.seed)))
+    print(f"wrote {args.count} rows to {args.out}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/incentive train recipes/demo.yaml --overwrite
+	$(VENV)/bin/incentive report runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -54,3 +54,48 @@ def test_sampling_respects_top_p_and_reports_logprobs():
     assert torch.allclose(logprobs, torch.log(torch.tensor([0.5, 0.3]))[tokens])
     share = (tokens == 0).float().mean().item()
     assert 0.55 < share < 0.70  # 0.5 / 0.8 renormalised
+
+
+def test_lora_policy_samples_with_its_adapter_merged_and_keeps_its_weights():
+    from peft import LoraConfig, get_peft_model
+
+    from incentive.engines.merged import merged_lora
+    from incentive.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("tiny-random")
+    policy = get_peft_model(
+        load_model("tiny-random"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    )
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # a trained adapter, not the zero init
+    policy.eval()
+    ids = torch.tensor([tokenizer("What is 2 + 3?").input_ids])
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    params_before = {n: id(p) for n, p in policy.named_parameters()}
+    unmerged = policy(input_ids=ids).logits
+    with policy.disable_adapter():
+        base = policy(input_ids=ids).logits
+    assert not torch.allclose(unmerged, base, atol=1e-3)  # the adapter matters
+    with merged_lora(policy):
+        merged = policy(input_ids=ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert {n: id(p) for n, p in policy.named_parameters()} == params_before
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    assert torch.equal(policy(input_ids=ids).logits, unmerged)  # adapter layers switched back on
+
+    seen = []
+    original_forward = type(policy).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(policy.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters)
+        return original_forward(self, *args, **kwargs)
+
+    examples, prompts = prompts_for(tokenizer, n=2)
+    greedy = SamplingParams(n=1, max_new_tokens=4, temperature=0.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(policy), "forward", spy)
+        ENGINES.get("cached")(policy, tokenizer).generate(examples, prompts, [0, 1], greedy)
+    assert seen and all(seen)  # sampled through the merged weights, adapter layers off
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.data.example import Example
+from incentive.engines.merged import merged_lora
 from incentive.rollout.types import Completion, RolloutBatch
 
 
@@ -42,17 +43,19 @@ class Engine(ABC):
         group_ids: Sequence[int],
         params: SamplingParams,
     ) -> RolloutBatch:
-        """``params.n`` completions for each prompt; completion k of prompt i carries ``group_ids[i]``."""
+        """``params.n`` completions for each prompt; completion k of prompt i carries ``group_ids[i]``. A LoRA
+        policy samples with its adapter merged into copies of the weights (see :func:`merged_lora`)."""
         completions: list[Completion] = []
         per_call = max(1, self.batch_size // params.n)
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(prompts), per_call):
-                stop = start + per_call
-                completions += self._chunk(
-                    examples[start:stop], prompts[start:stop], group_ids[start:stop], params
-                )
+            with merged_lora(self.model):
+                for start in range(0, len(prompts), per_call):
+                    stop = start + per_call
+                    completions += self._chunk(
+                        examples[start:stop], prompts[start:stop], group_ids[start:stop], params
+                    )
         finally:
             self.model.train(was_training)
         return RolloutBatch(completions)

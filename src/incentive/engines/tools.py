@@ -73,7 +73,9 @@ class ToolEngine(Engine):
         active = list(range(len(episodes)))
         while active:
             active = [
-                i for i in active if self._after_turn(episodes[i], turns.pop(0), examples[owner[i]], params)
+                i
+                for i, turn in zip(active, turns, strict=True)
+                if self._after_turn(episodes[i], turn, examples[owner[i]], params)
             ]
             if active:
                 contexts = [episodes[i].prompt_ids + episodes[i].ids for i in active]

@@ -167,9 +167,8 @@ class RLTrainer:
         valid = [i for i, f in enumerate(failed) if not f and batch.completions[i].length > 0]
         masked = {i for i in valid if batch.completions[i].truncated} if rl.mask_truncated else set()
         valid = [i for i in valid if i not in masked]
-        totals = Totals(
-            tokens=sum(sum(batch.completions[i].trained_mask) for i in valid), sequences=len(valid)
-        )
+        trained_tokens = sum(sum(batch.completions[i].trained_mask) for i in valid)
+        totals = Totals(tokens=int(trained_tokens), sequences=len(valid))
         needs_all = loss_cfg.kl_beta > 0 or not rl.skip_zero_advantage
         active = valid if needs_all else [i for i in valid if advantages[i] != 0]
         if not active:

@@ -56,6 +56,18 @@ def test_sampling_respects_top_p_and_reports_logprobs():
     assert 0.55 < share < 0.70  # 0.5 / 0.8 renormalised
 
 
+def test_inverse_cdf_draws_each_token_at_its_probability_and_never_a_zero():
+    from incentive.engines.cached import inverse_cdf
+
+    torch.manual_seed(0)
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0]]).repeat(40000, 1)
+    tokens = inverse_cdf(weights)
+    counts = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts[[1, 3, 4]], torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64), atol=0.01)
+    assert inverse_cdf(torch.tensor([[0.0, 0.0, 3.0]])).item() == 2
+
+
 def test_lora_policy_samples_with_its_adapter_merged_and_keeps_its_weights():
     from peft import LoraConfig, get_peft_model
 

@@ -78,6 +78,8 @@ class Run:
         self.hooks = [_build(HOOKS, "hook", h.name, h.args) for h in recipe.hooks]
         self.template = build_template(recipe.template)
         self.tools = self._build_tools()
+        tools_cfg = recipe.tools
+        self.protocol = CallProtocol(tools_cfg.call_tag, tools_cfg.response_tag) if tools_cfg else None
         self.tokenizer = load_tokenizer(recipe.model.name)
         self.context = context_length(recipe.model.name)
         gen_tokens = recipe.generation.max_new_tokens
@@ -109,12 +111,8 @@ class Run:
         if cfg is None:
             return engine
         return ToolEngine(
-            engine, self.tools, self._protocol(), cfg.max_calls, cfg.max_observation_tokens, self.context
+            engine, self.tools, self.protocol, cfg.max_calls, cfg.max_observation_tokens, self.context
         )
-
-    def _protocol(self) -> CallProtocol:
-        cfg = self.recipe.tools
-        return CallProtocol(cfg.call_tag, cfg.response_tag) if cfg else CallProtocol()
 
     def _load(self, cfg: DataConfig, name: str, max_new_tokens: int) -> list[Example]:
         """Valid examples whose prompts fit the model's context with room for ``max_new_tokens``."""
@@ -228,7 +226,7 @@ class Run:
             recipe.run.seed,
             recipe.rl.micro_batch_tokens,
             recipe.optim.max_grad_norm,
-            ObservationMaskingEncoder(tokenizer, self._protocol()) if self.tools else None,
+            ObservationMaskingEncoder(tokenizer, self.protocol) if self.tools else None,
         )
         start = 0
         if state is not None:

@@ -35,6 +35,10 @@ class Engine(ABC):
         self.batch_size = batch_size
         self.stop_ids = stop_token_ids(model, tokenizer)
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no special tokens added (prompts already carry their chat markup)."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
     @torch.no_grad()
     def generate(
         self,

@@ -62,7 +62,7 @@ class CachedEngine(Engine):
         group_ids: Sequence[int],
         params: SamplingParams,
     ) -> list[Completion]:
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        prompt_ids = [self.encode(p) for p in prompts]
         turns = self.decode(prompt_ids, params)
         return [
             Completion(

@@ -66,7 +66,7 @@ class ToolEngine(Engine):
         group_ids: Sequence[int],
         params: SamplingParams,
     ) -> list[Completion]:
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        prompt_ids = [self.encode(p) for p in prompts]
         owner = [k for k in range(len(prompts)) for _ in range(params.n)]
         episodes = [Episode(prompt_ids[k]) for k in owner]
         turns = self.inner.decode(prompt_ids, params, stop_text=self.protocol.close)
@@ -98,7 +98,7 @@ class ToolEngine(Engine):
             episode.ended_by = "max_calls"
             return False
         observation = self._execute(episode, example)
-        ids = self.tokenizer(self.protocol.response(observation), add_special_tokens=False).input_ids
+        ids = self.encode(self.protocol.response(observation))
         context = len(episode.prompt_ids) + len(episode.ids) + len(ids)
         if self.max_context_tokens is not None and context >= self.max_context_tokens:
             episode.ended_by = "context"
@@ -116,7 +116,7 @@ class ToolEngine(Engine):
         episode.final_error = failed
         if failed:
             episode.errors.append(observation)
-        ids = self.tokenizer(observation, add_special_tokens=False).input_ids
+        ids = self.encode(observation)
         if len(ids) > self.max_observation_tokens:
             observation = self.tokenizer.decode(ids[: self.max_observation_tokens]) + " …(cut)"
         return observation

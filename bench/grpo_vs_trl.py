@@ -6,8 +6,11 @@
 Workload: the embedded SmolLM2-135M, 4 prompts x 4 completions per step, <= 64 new tokens, fp32 on the CPU, a
 reward whose values vary within every group (closeness of the completion's length to 120 characters), so both
 tools do real work each step. Each (tool, variant, repetition) runs in its own process so peak RSS is its own.
-The first step of every run is warm-up and is left out of the medians. Writes bench/results/grpo_vs_trl.json
-and .md with ratios (TRL / incentive for time and memory, incentive / TRL for throughput).
+TRL gets the model as transformers loads it (default kernels); incentive its own loading (oneDNN linears).
+The first step of every run is warm-up and is left out of the medians. A generation-only comparison at batch
+16 (the same prompts, 4 samples each) pits incentive's engine against plain HF ``generate``. Writes
+bench/results/grpo_vs_trl.json and .md with ratios (TRL / incentive for time and memory, incentive / TRL for
+throughput) and utilisation: model FLOPs per second over the best fp32 matmul rate measured here.
 """
 
 from __future__ import annotations
@@ -46,23 +49,32 @@ def prompts(n: int) -> list[str]:
     return [e.prompt for e in load_examples(cfg).examples]
 
 
-def matmul_gflops() -> float:
-    """This machine's fp32 matmul rate (2 threads as used), the denominator of utilisation."""
+def matmul_gflops() -> dict[str, float]:
+    """This machine's fp32 1024x1024 matmul rate through the default BLAS and through oneDNN (all threads as
+    used); the larger is the denominator of utilisation."""
     import torch
 
+    from incentive.models.onednn import onednn_available, onednn_linear
+
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    for _ in range(3):
-        a @ b
-    start, n = time.perf_counter(), 20
-    for _ in range(n):
-        a @ b
-    return 2 * 1024**3 * n / (time.perf_counter() - start) / 1e9
+    kernels = {"blas": lambda: a @ b}
+    if onednn_available():
+        kernels["onednn"] = lambda: onednn_linear(a, b)
+    rates = {}
+    for name, fn in kernels.items():
+        for _ in range(3):
+            fn()
+        start, n = time.perf_counter(), 20
+        for _ in range(n):
+            fn()
+        rates[name] = 2 * 1024**3 * n / (time.perf_counter() - start) / 1e9
+    return rates
 
 
 def run_trl(variant: str, steps: int, out: Path) -> None:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import GenerationMixin, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from incentive.models import load_model, load_tokenizer
@@ -73,6 +85,21 @@ def run_trl(variant: str, steps: int, out: Path) -> None:
     rows = [{"prompt": [{"role": "user", "content": p}]} for p in prompts(PROMPTS * steps)]
     times: list[float] = []
     tokens: list[int] = []
+    generate_s: list[float] = []
+    prompt_tokens = [
+        len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True))
+        for r in rows
+    ]
+    generate = GenerationMixin.generate
+
+    def timed_generate(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        try:
+            return generate(*args, **kw)
+        finally:
+            generate_s.append(time.perf_counter() - start)
+
+    GenerationMixin.generate = timed_generate
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003
@@ -108,7 +135,7 @@ def run_trl(variant: str, steps: int, out: Path) -> None:
         disable_tqdm=True,
     )
     trainer = GRPOTrainer(
-        model=load_model("embedded"),
+        model=load_model("embedded", onednn=False),
         reward_funcs=reward,
         args=config,
         train_dataset=Dataset.from_list(rows),
@@ -117,7 +144,17 @@ def run_trl(variant: str, steps: int, out: Path) -> None:
         callbacks=[Timer()],
     )
     trainer.train()
-    out.write_text(json.dumps({"step_s": times, "gen_tokens": tokens}))
+    out.write_text(
+        json.dumps(
+            {
+                "step_s": times,
+                "generate_s": generate_s,
+                "train_s": [t - g for t, g in zip(times, generate_s, strict=True)],
+                "gen_tokens": tokens,
+                "context_tokens": [statistics.mean(prompt_tokens) * PROMPTS] * len(times),
+            }
+        )
+    )
 
 
 def run_incentive(variant: str, steps: int, out: Path) -> None:
@@ -160,42 +197,149 @@ def run_incentive(variant: str, steps: int, out: Path) -> None:
                 "generate_s": [r["time/generate_s"] for r in rl],
                 "train_s": [r["time/train_s"] for r in rl],
                 "gen_tokens": [round(r["length/mean"] * r["completions"]) for r in rl],
+                "context_tokens": [r.get("train/context_tokens", 0.0) for r in rl],
             }
         )
     )
 
 
+def run_generation(tool: str, rounds: int, out: Path) -> None:
+    """Sampling only: ``rounds`` batches of the workload (4 prompts x 4 samples, <= 64 new tokens) through
+    incentive's engine (its own loading) or plain HF ``generate`` (the model as transformers loads it)."""
+    import torch
+
+    from incentive.config import TemplateConfig
+    from incentive.data import DataConfig, load_examples
+    from incentive.engines import ENGINES, SamplingParams
+    from incentive.models import load_model, load_tokenizer
+    from incentive.run import build_template
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("embedded")
+    engine = (
+        ENGINES.get("cached")(load_model("embedded"), tokenizer)
+        if tool == "incentive"
+        else ENGINES.get("hf")(load_model("embedded", onednn=False), tokenizer)
+    )
+    cfg = DataConfig(
+        source="task:chain_sum",
+        size=PROMPTS * rounds,
+        seed=0,
+        task_args={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+    )
+    examples = load_examples(cfg).examples
+    template = build_template(TemplateConfig())
+    params = SamplingParams(n=GENERATIONS, max_new_tokens=NEW_TOKENS)
+    seconds, tokens = [], []
+    for k in range(rounds):
+        chunk = examples[k * PROMPTS : (k + 1) * PROMPTS]
+        prompts = [template.render(e, tokenizer) for e in chunk]
+        start = time.perf_counter()
+        batch = engine.generate(chunk, prompts, list(range(len(chunk))), params)
+        seconds.append(time.perf_counter() - start)
+        tokens.append(sum(c.length for c in batch))
+    out.write_text(json.dumps({"generate_s": seconds, "gen_tokens": tokens}))
+
+
 def child(tool: str, variant: str, steps: int, out: Path) -> None:
-    (run_trl if tool == "trl" else run_incentive)(variant, steps, out)
+    if variant == "generation":
+        run_generation(tool, steps, out)
+    else:
+        (run_trl if tool == "trl" else run_incentive)(variant, steps, out)
     data = json.loads(out.read_text())
     data["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     out.write_text(json.dumps(data))
 
 
-def summarize(runs: list[dict], rate: float) -> dict:
-    steps = [s for r in runs for s in r["step_s"][1:]]
+def summarize(runs: list[dict], variant: str, rate: float) -> dict:
+    """Medians and rates over every step but each run's first. Training utilisation counts the model FLOPs
+    the update needs: 6 per parameter and token for full fine-tuning, 4 for LoRA (no weight gradients of the
+    frozen base), over every completion token and one copy of each prompt."""
     tokens = [t for r in runs for t in r["gen_tokens"][1:]]
-    out = {
-        "median_step_s": statistics.median(steps),
-        "tokens_per_s": sum(tokens) / sum(steps),
+    gen = [s for r in runs for s in r["generate_s"][1:]]
+    out: dict[str, float] = {
+        "generation_tokens_per_s": sum(tokens) / sum(gen),
+        "generation_utilisation": sum(tokens) * 2 * PARAMS / sum(gen) / 1e9 / rate,
+        "median_generate_s": statistics.median(gen),
         "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
     }
-    if "generate_s" in runs[0]:
-        gen = [s for r in runs for s in r["generate_s"][1:]]
-        train = [s for r in runs for s in r["train_s"][1:]]
-        out["generation_tokens_per_s"] = sum(tokens) / sum(gen)
-        out["generation_utilisation"] = out["generation_tokens_per_s"] * 2 * PARAMS / 1e9 / rate
-        out["median_generate_s"] = statistics.median(gen)
-        out["median_train_s"] = statistics.median(train)
+    if variant == "generation":
+        return out
+    steps = [s for r in runs for s in r["step_s"][1:]]
+    train = [s for r in runs for s in r["train_s"][1:]]
+    context = [c for r in runs for c in r["context_tokens"][1:]]
+    flops_per_token = (4 if variant == "lora" else 6) * PARAMS
+    out.update(
+        {
+            "median_step_s": statistics.median(steps),
+            "tokens_per_s": sum(tokens) / sum(steps),
+            "median_train_s": statistics.median(train),
+            "training_tokens_per_s": sum(tokens) / sum(train),
+            "training_utilisation": (sum(tokens) + sum(context)) * flops_per_token / sum(train) / 1e9 / rate,
+        }
+    )
     return out
+
+
+def ratios(trl: dict, inc: dict) -> dict[str, float]:
+    """TRL / incentive for time and memory, incentive / TRL for throughput."""
+    out = {
+        "generation_tokens_per_s_incentive_over_trl": inc["generation_tokens_per_s"]
+        / trl["generation_tokens_per_s"],
+        "peak_rss_incentive_over_trl": inc["peak_rss_gb"] / trl["peak_rss_gb"],
+    }
+    if "median_step_s" in trl:
+        out["step_time_trl_over_incentive"] = trl["median_step_s"] / inc["median_step_s"]
+        out["tokens_per_s_incentive_over_trl"] = inc["tokens_per_s"] / trl["tokens_per_s"]
+        out["training_tokens_per_s_incentive_over_trl"] = (
+            inc["training_tokens_per_s"] / trl["training_tokens_per_s"]
+        )
+    return out
+
+
+def table(results: dict) -> str:
+    """The markdown table of a results dict."""
+    lines = [
+        "| variant | tool | median step (s) | tokens/s | train tok/s | train util. | gen tok/s | gen util. "
+        "| peak RSS (GB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(r: dict, key: str, fmt: str) -> str:
+        return format(r[key], fmt) if key in r else "-"
+
+    for variant, v in results["variants"].items():
+        for tool, name in (("trl", v["baseline"]), ("incentive", "incentive")):
+            r = v[tool]
+            lines.append(
+                f"| {variant} | {name} | {cell(r, 'median_step_s', '.1f')} | {cell(r, 'tokens_per_s', '.1f')} "
+                f"| {cell(r, 'training_tokens_per_s', '.1f')} | {cell(r, 'training_utilisation', '.0%')} "
+                f"| {r['generation_tokens_per_s']:.1f} | {r['generation_utilisation']:.0%} "
+                f"| {r['peak_rss_gb']:.2f} |"
+            )
+        q = v["ratios"]
+        step = q.get("step_time_trl_over_incentive")
+        lines.append(
+            f"| {variant} | **ratio** | {f'{step:.2f}x' if step else '-'} "
+            f"| {cell(q, 'tokens_per_s_incentive_over_trl', '.2f')} "
+            f"| {cell(q, 'training_tokens_per_s_incentive_over_trl', '.2f')} | "
+            f"| {q['generation_tokens_per_s_incentive_over_trl']:.2f}x | "
+            f"| {q['peak_rss_incentive_over_trl']:.2f} of baseline |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--variants", nargs="+", default=["full", "lora"], choices=["full", "lora"])
-    parser.add_argument("--steps", type=int, default=3, help="steps per run; the first is warm-up")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["full", "lora", "generation"],
+        choices=["full", "lora", "generation"],
+    )
+    parser.add_argument("--steps", type=int, default=3, help="steps (rounds) per run; the first is warm-up")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument(
         "--child", nargs=4, metavar=("TOOL", "VARIANT", "STEPS", "OUT"), help=argparse.SUPPRESS
@@ -205,10 +349,15 @@ def main() -> None:
         tool, variant, steps, out = args.child
         child(tool, variant, int(steps), Path(out))
         return
-    rate = matmul_gflops()
-    print(f"[bench] fp32 matmul: {rate:.1f} GFLOP/s")
+    rates = matmul_gflops()
+    rate = max(rates.values())
+    print("[bench] fp32 matmul GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
     results: dict = {
-        "machine": {"matmul_gflops": rate, "cpu_threads": __import__("torch").get_num_threads()},
+        "machine": {
+            "matmul_gflops": rates,
+            "utilisation_denominator_gflops": rate,
+            "cpu_threads": __import__("torch").get_num_threads(),
+        },
         "workload": {
             "prompts": PROMPTS,
             "generations": GENERATIONS,
@@ -222,51 +371,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:
             raw: dict[str, list[dict]] = {"trl": [], "incentive": []}
+            baseline = "HF generate" if variant == "generation" else "TRL"
             for rep in range(args.reps):
                 for tool in ("trl", "incentive"):
                     out = Path(tmp) / f"{tool}-{variant}-{rep}.json"
-                    progress.start(f"{variant}: {tool}, repetition {rep + 1}/{args.reps}")
+                    name = baseline if tool == "trl" else tool
+                    progress.start(f"{variant}: {name}, repetition {rep + 1}/{args.reps}")
                     subprocess.run(
                         [sys.executable, __file__, "--child", tool, variant, str(args.steps), str(out)],
                         check=True,
                         cwd=ROOT,
                     )
                     raw[tool].append(json.loads(out.read_text()))
-            trl, inc = summarize(raw["trl"], rate), summarize(raw["incentive"], rate)
+            trl, inc = summarize(raw["trl"], variant, rate), summarize(raw["incentive"], variant, rate)
             results["variants"][variant] = {
+                "baseline": baseline,
                 "trl": trl,
                 "incentive": inc,
                 "raw": raw,
-                "ratios": {
-                    "step_time_trl_over_incentive": trl["median_step_s"] / inc["median_step_s"],
-                    "tokens_per_s_incentive_over_trl": inc["tokens_per_s"] / trl["tokens_per_s"],
-                    "peak_rss_incentive_over_trl": inc["peak_rss_gb"] / trl["peak_rss_gb"],
-                },
+                "ratios": ratios(trl, inc),
             }
     target = ROOT / "bench" / "results"
     target.mkdir(parents=True, exist_ok=True)
     (target / "grpo_vs_trl.json").write_text(json.dumps(results, indent=2))
-    lines = [
-        "| variant | tool | median step (s) | tokens/s | peak RSS (GB) | gen tok/s | gen util. |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for variant, v in results["variants"].items():
-        for tool in ("trl", "incentive"):
-            r = v[tool]
-            gen = f"{r['generation_tokens_per_s']:.1f}" if "generation_tokens_per_s" in r else "-"
-            util = f"{r['generation_utilisation']:.0%}" if "generation_utilisation" in r else "-"
-            lines.append(
-                f"| {variant} | {tool} | {r['median_step_s']:.1f} | {r['tokens_per_s']:.1f} | "
-                f"{r['peak_rss_gb']:.2f} | {gen} | {util} |"
-            )
-        ratio = v["ratios"]
-        lines.append(
-            f"| {variant} | **ratio** | TRL/incentive {ratio['step_time_trl_over_incentive']:.2f}x | "
-            f"{ratio['tokens_per_s_incentive_over_trl']:.2f}x | "
-            f"{ratio['peak_rss_incentive_over_trl']:.2f} of TRL | | |"
-        )
-    (target / "grpo_vs_trl.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    markdown = table(results)
+    (target / "grpo_vs_trl.md").write_text(markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

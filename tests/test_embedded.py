@@ -6,6 +6,7 @@ import torch
 from incentive.data import Example
 from incentive.models import load_model, load_tokenizer
 from incentive.models.loading import GGUF_NAME, _gguf_path
+from incentive.models.onednn import use_onednn
 from incentive.rewards.base import RewardContext
 from incentive.rewards.nover import NoverReasoning
 from incentive.rollout.types import Completion, RolloutBatch
@@ -26,6 +27,7 @@ def test_converted_model_equals_gguf_model(embedded):
     original = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=GGUF_NAME, dtype=torch.float32
     )
+    use_onednn(original)  # the same kernels as the loaded model, so equal weights give equal logits
     ids = tokenizer("12 + 7 = ", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, original(ids).logits)

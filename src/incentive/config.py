@@ -28,6 +28,9 @@ class LoraConfig(Strict):
 class ModelConfig(Strict):
     name: str = "embedded"
     lora: LoraConfig | None = None
+    onednn: bool = Field(
+        True, description="CPU fp32: linear layers through oneDNN (about 2x MKL's speed on AMD CPUs)"
+    )
 
 
 class TemplateConfig(Strict):

@@ -10,6 +10,7 @@ import torch
 
 from incentive.data.example import Example
 from incentive.engines.base import Engine, SamplingParams
+from incentive.engines.kv import preallocate
 from incentive.logprobs import left_padded
 from incentive.rollout.types import Completion
 
@@ -94,12 +95,11 @@ class CachedEngine(Engine):
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         owner = torch.arange(len(contexts)).repeat_interleave(params.n)
-        cache = out.cache
-        cache.batch_select_indices(owner)
+        limit = list(limits) if limits is not None else [params.max_new_tokens] * len(owner)
+        cache = preallocate(out.cache, owner, max(limit, default=0))
         mask = mask[owner]
         logits = out.logits[owner, -1]
         next_pos = torch.tensor([len(c) for c in contexts])[owner]
-        limit = list(limits) if limits is not None else [params.max_new_tokens] * len(owner)
         rows = torch.arange(len(owner))
         tokens: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] = [[] for _ in rows]

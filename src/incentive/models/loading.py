@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from incentive.models.onednn import use_onednn
 from incentive.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -144,10 +145,14 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a causal LM by name (see module doc) on the CPU, in training-ready form."""
+def load_model(name: str, dtype: torch.dtype = torch.float32, onednn: bool = True) -> PreTrainedModel:
+    """Load a causal LM by name (see module doc) on the CPU, in training-ready form; ``onednn`` routes its
+    linear layers through oneDNN (see :mod:`incentive.models.onednn`)."""
     path = resolve(name)
     config = json.loads((path / "config.json").read_text())
     if config.get("quantization_config"):
         log.warning("%s declares quantization_config; training may be refused by transformers", path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if onednn:
+        use_onednn(model)
+    return model

@@ -15,7 +15,7 @@ from incentive.models import load_model
 
 def build_policy(cfg: ModelConfig) -> PreTrainedModel:
     """Load the model; wrap it with LoRA adapters when ``cfg.lora`` is set."""
-    model = load_model(cfg.name)
+    model = load_model(cfg.name, onednn=cfg.onednn)
     model.config.use_cache = True
     if cfg.lora is None:
         return model

@@ -205,6 +205,8 @@ class RLTrainer:
         out["nonfinite_updates"] = float(sum(not math.isfinite(g) for g in grad_norms))
         out["skipped"] = 0.0
         out["trained_sequences"] = float(len(active))
+        out["target_tokens"] = float(sum(len(t) for t in targets))
+        out["context_tokens"] = float(sum(len(c) for c in {tuple(c) for c in contexts}))
         out["masked_truncated"] = float(len(masked))
         return out
 

@@ -1,0 +1,78 @@
+"""Linear layers through oneDNN instead of the default BLAS (MKL) on the CPU.
+
+MKL runs its AVX2 code on AMD CPUs even where AVX-512 is there; oneDNN picks AVX-512. On this project's
+development machine (AMD EPYC, 2 cores) an fp32 linear runs at ~460 GFLOP/s through oneDNN against ~210 through
+MKL, forward and backward alike, and a decode step with 16 rows is ~1.6x faster. Results agree with the default
+kernels to fp32 rounding (the summation order differs), and are deterministic run to run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+_MIN_ROWS_FOR_WEIGHT_GRAD = 64
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b.T + bias`` through oneDNN; ``b`` may be a transposed view."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b with oneDNN in the forward pass and in both backward products."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _mm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _mm(rows, weight.t()).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            inputs = x.reshape(-1, x.shape[-1])
+            # oneDNN is slow when the summed dimension is tiny (1.6 s for 4 rows into the 49k LM head).
+            small = rows.shape[0] < _MIN_ROWS_FOR_WEIGHT_GRAD
+            dw = rows.t() @ inputs if small else _mm(rows.t(), inputs.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = rows.sum(0)
+        return dx, dw, db
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` through oneDNN for fp32 CPU tensors; anything else (GPU, other dtypes, empty input) goes
+    to ``F.linear``."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0:
+        return F.linear(x, weight, bias)
+    return _OneDNNLinearFunction.apply(x, weight, bias)
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """An ``nn.Linear`` that computes through :func:`onednn_linear`; same parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def use_onednn(model: torch.nn.Module) -> int:
+    """Switch every plain ``nn.Linear`` of ``model`` to :class:`OneDNNLinear` in place (weights untouched);
+    returns how many were switched, 0 where this torch build has no oneDNN."""
+    if not onednn_available():
+        return 0
+    switched = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = OneDNNLinear
+            switched += 1
+    return switched

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from incentive.logprobs import plan_batches, target_logprobs
+from incentive import logprobs
+from incentive.logprobs import length_buckets, plan_batches, target_logprobs
 
 
 def test_batched_logprobs_equal_one_at_a_time(tiny):
@@ -32,7 +34,17 @@ def test_plan_batches_respects_budget_keeps_groups_and_covers_all():
     assert [0, 2, 5] in batches  # one prompt's completions share a chunk (and its context computation)
 
 
-def test_shared_context_path_matches_whole_rows_with_gradients(tiny):
+def test_length_buckets_minimise_padding_plus_overhead_by_hand():
+    lengths = [10, 64, 12, 60, 11, 63]
+    # one bucket: 6*64 + 64 = 448; {10,11,12} {60,63,64}: (3*12 + 64) + (3*64 + 64) = 356; three or more cost more
+    assert length_buckets(lengths, overhead=64) == [[0, 4, 2], [3, 5, 1]]
+    assert length_buckets(lengths, overhead=1000) == [[0, 4, 2, 3, 5, 1]]
+    assert length_buckets(lengths, overhead=0) == [[0], [4], [2], [3], [5], [1]]
+    assert length_buckets([], overhead=64) == []
+
+
+@pytest.mark.parametrize("buckets", ["planned", "one per row"])
+def test_shared_context_path_matches_whole_rows_with_gradients(tiny, monkeypatch, buckets):
     from peft import LoraConfig, get_peft_model
 
     from incentive.logprobs import _shared_context_logprobs, _whole_row_logprobs
@@ -45,6 +57,10 @@ def test_shared_context_path_matches_whole_rows_with_gradients(tiny):
     )
     contexts = [c1, c2, c1, c2, c1]
     targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (3, 5, 1, 0, 4)]
+    if buckets == "one per row":  # every row its own forward on the shared context, last row first
+        monkeypatch.setattr(
+            logprobs, "length_buckets", lambda lengths: [[k] for k in range(len(lengths))][::-1]
+        )
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     for model in (tiny[0], get_peft_model(load_model("tiny-random"), lora)):
         results = []

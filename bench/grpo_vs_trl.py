@@ -116,7 +116,9 @@ def run_trl(variant: str, steps: int, out: Path) -> None:
     if variant == "lora":
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     config = GRPOConfig(
         output_dir=str(out.parent / "trl-out"),
         per_device_train_batch_size=PROMPTS * GENERATIONS,
@@ -169,7 +171,10 @@ def run_incentive(variant: str, steps: int, out: Path) -> None:
 
     recipe = Recipe.model_validate(
         {
-            "model": {"name": "embedded", "lora": {"r": 16, "alpha": 32} if variant == "lora" else None},
+            "model": {
+                "name": "embedded",
+                "lora": {"r": 16, "alpha": 32, "dropout": 0.0} if variant == "lora" else None,
+            },
             "data": {
                 "source": "task:chain_sum",
                 "size": PROMPTS * steps,

@@ -15,6 +15,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from incentive.lm_head import head_for
+
 # One more forward pass costs about this many padded tokens: on the benchmark workload (16 completions of
 # 8-64 tokens) 64 cut the update from 4.2 s to 3.3 s; 16 and 256 were slower.
 BUCKET_OVERHEAD_TOKENS = 64
@@ -82,15 +84,6 @@ def left_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tens
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _token_logprobs(step_logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax of [rows, positions, vocab] logits at ``tokens`` [rows, positions], in one gather: per-row
-    slicing of the logits would make autograd allocate a zero tensor of the full logits size for every row."""
-    step_logits = step_logits.float()
-    if temperature != 1.0:
-        step_logits = step_logits / temperature
-    return torch.log_softmax(step_logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
-
-
 def _whole_row_logprobs(
     model: PreTrainedModel,
     contexts: Sequence[Sequence[int]],
@@ -98,16 +91,19 @@ def _whole_row_logprobs(
     indices: Sequence[int],
     temperature: float,
 ) -> list[torch.Tensor]:
-    """Rows left-padded so every target ends at the last position; the LM head runs only on the last
+    """Rows left-padded so every target ends at the last position; the head runs only on the last
     ``max target + 1`` positions, which for a 49k vocabulary is most of the cost of short completions."""
+    head = head_for(model)
     ids, mask, positions = left_padded([list(contexts[i]) + list(targets[i]) for i in indices])
     keep = max(len(targets[i]) for i in indices) + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    _, states = head.run(keep, input_ids=ids, attention_mask=mask, position_ids=positions)
     tokens = torch.zeros(len(indices), keep - 1, dtype=torch.long)
+    on = torch.zeros(len(indices), keep - 1, dtype=torch.long)
     for row, i in enumerate(indices):
         if targets[i]:
             tokens[row, keep - 1 - len(targets[i]) :] = torch.tensor(list(targets[i]), dtype=torch.long)
-    logp = _token_logprobs(logits[:, :-1], tokens, temperature)
+            on[row, keep - 1 - len(targets[i]) :] = 1
+    logp = head.logprobs(states[:, :-1], tokens, on, temperature)
     return [logp[row, keep - 1 - len(targets[i]) :] for row, i in enumerate(indices)]
 
 
@@ -120,12 +116,13 @@ def _shared_context_logprobs(
 ) -> list[torch.Tensor]:
     """Each distinct context once (left-padded, KV cached), then the targets (right-padded) on the cache, in
     buckets of similar length so little padding is computed (see :func:`length_buckets`)."""
+    head = head_for(model)
     order: dict[tuple[int, ...], int] = {}
     for i in indices:
         order.setdefault(tuple(contexts[i]), len(order))
     ctx_ids, ctx_mask, ctx_pos = left_padded(list(order))
-    head = model(
-        input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True, logits_to_keep=1
+    cache, last = head.run(
+        1, input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True
     )
     result: list[torch.Tensor] = [torch.empty(0)] * len(indices)
     for bucket in length_buckets([len(targets[i]) for i in indices]):
@@ -138,15 +135,16 @@ def _shared_context_logprobs(
             tgt_ids[row, : len(targets[i])] = torch.tensor(list(targets[i]), dtype=torch.long)
             tgt_mask[row, : len(targets[i])] = 1
         lengths = torch.tensor([len(contexts[i]) for i in rows])
-        logits = model(
+        _, states = head.run(
+            0,
             input_ids=tgt_ids,
             attention_mask=torch.cat([ctx_mask[owner], tgt_mask], dim=1),
             position_ids=lengths[:, None] + torch.arange(width)[None, :],
-            cache=_select_rows(head.cache, owner),
+            cache=_select_rows(cache, owner),
             use_cache=True,
-        ).logits
-        steps = torch.cat([head.logits[owner][:, -1:], logits[:, :-1]], dim=1)
-        logp = _token_logprobs(steps, tgt_ids, temperature)
+        )
+        steps = torch.cat([last[owner][:, -1:], states[:, :-1]], dim=1)
+        logp = head.logprobs(steps, tgt_ids, tgt_mask, temperature)
         for row, (k, i) in enumerate(zip(bucket, rows, strict=True)):
             result[k] = logp[row, : len(targets[i])]
     return result

@@ -1,0 +1,128 @@
+"""From a model's positions to log-probabilities of given next tokens.
+
+With a 49k vocabulary the logits are the largest tensors of a training step ([rows, positions, 49152] in fp32,
+plus their log-softmax and both gradients). :class:`FusedHead` never keeps them: it runs the model's body, and
+computes each target token's logprob from the hidden state in chunks of positions, recomputing the logits chunk
+by chunk in the backward pass; padding positions are skipped. Models whose head is more than one linear layer
+(logit soft-capping, scaling, a LoRA-wrapped head) go through :class:`LogitsHead`, the model's own forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from incentive.models.onednn import matmul, onednn_linear
+
+# Model types whose logits are exactly lm_head(hidden state).
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3"})
+CHUNK_POSITIONS = 256
+
+
+class LogitsHead:
+    """The model's own forward; ``states`` are logits."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+
+    def run(self, keep: int, **inputs: Any) -> tuple[Any, torch.Tensor]:
+        """The cache and the states of the last ``keep`` positions."""
+        out = self.model(logits_to_keep=keep, **inputs)
+        return out.cache, out.logits
+
+    def logprobs(
+        self, states: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """[rows, positions] logprobs of ``tokens`` after each state (0 where ``mask`` is off), in one gather:
+        per-row slicing of logits would make autograd allocate a full-size zero tensor for every row."""
+        logits = states.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+        return logp * mask
+
+
+class FusedHead:
+    """The model's body, then :func:`target_logprobs_from_hidden` with the head's weight."""
+
+    def __init__(self, body: torch.nn.Module, weight: torch.Tensor) -> None:
+        self.body = body
+        self.weight = weight
+
+    def run(self, keep: int, **inputs: Any) -> tuple[Any, torch.Tensor]:
+        out = self.body(**inputs)
+        return out.cache, out.last_hidden_state[:, -keep:]
+
+    def logprobs(
+        self, states: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        on = mask.bool()
+        picked = target_logprobs_from_hidden(states[on], self.weight, tokens[on], temperature)
+        return torch.zeros(mask.shape, dtype=picked.dtype, device=mask.device).index_put((on,), picked)
+
+
+def head_for(model: PreTrainedModel) -> LogitsHead | FusedHead:
+    """The fused head where the model's logits are a plain linear map of its last hidden state."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "lm_head", None)
+    if (
+        base.config.model_type in PLAIN_HEAD_TYPES
+        and isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and hasattr(base, "get_decoder")
+    ):
+        return FusedHead(base.get_decoder(), head.weight)
+    return LogitsHead(model)
+
+
+def target_logprobs_from_hidden(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log softmax(hidden · weightᵀ / temperature)[token] for each of N positions ([N, d] hidden, [N] tokens),
+    holding at most ``CHUNK_POSITIONS`` rows of logits at a time, forward and backward."""
+    return _TargetLogprobs.apply(hidden, weight, tokens, temperature)
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        out = hidden.new_empty(hidden.shape[0])
+        lse = hidden.new_empty(hidden.shape[0])
+        for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
+            part = slice(start, start + CHUNK_POSITIONS)
+            logits = _logits(hidden[part], weight, temperature)
+            lse[part] = logits.logsumexp(-1)
+            out[part] = logits.gather(-1, tokens[part, None]).squeeze(-1) - lse[part]
+        ctx.save_for_backward(hidden, weight, tokens, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, tokens, lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        d_hidden = torch.empty_like(hidden) if want_hidden else None
+        d_weight = torch.zeros_like(weight) if want_weight else None
+        for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
+            part = slice(start, start + CHUNK_POSITIONS)
+            g = grad[part]
+            # d logp[token] / d logits = onehot(token) - softmax, times the incoming gradient.
+            d_logits = (_logits(hidden[part], weight, ctx.temperature) - lse[part, None]).exp_()
+            d_logits.mul_(-g[:, None])
+            d_logits[torch.arange(len(g), device=g.device), tokens[part]] += g
+            if ctx.temperature != 1.0:
+                d_logits /= ctx.temperature
+            if d_hidden is not None:
+                d_hidden[part] = onednn_linear(d_logits, weight.t())
+            if d_weight is not None:
+                d_weight += matmul(d_logits.t(), hidden[part])
+        return d_hidden, d_weight, None, None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = onednn_linear(hidden, weight).float()
+    return logits / temperature if temperature != 1.0 else logits

@@ -1,0 +1,69 @@
+"""The fused LM head: the same logprobs and gradients as log-softmax over full logits, in any chunking."""
+
+import pytest
+import torch
+
+from incentive import lm_head
+from incentive.lm_head import FusedHead, LogitsHead, head_for, target_logprobs_from_hidden
+from incentive.logprobs import _shared_context_logprobs
+from incentive.models import load_model
+
+
+@pytest.mark.parametrize("chunk", [256, 3])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_logprobs_and_gradients_equal_full_log_softmax(monkeypatch, chunk, temperature):
+    monkeypatch.setattr(lm_head, "CHUNK_POSITIONS", chunk)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 16, generator=gen)
+    weight = torch.randn(300, 16, generator=gen)
+    tokens = torch.randint(0, 300, (10,), generator=gen)
+    upstream = torch.randn(10, generator=gen)
+
+    def run(fn):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = fn(h, w)
+        (out * upstream).sum().backward()
+        return out.detach(), h.grad, w.grad
+
+    def reference(h, w):
+        return torch.log_softmax(h @ w.t() / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
+
+    fused = run(lambda h, w: target_logprobs_from_hidden(h, w, tokens, temperature))
+    for a, b in zip(fused, run(reference), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_head_for_fuses_plain_heads_and_falls_back_otherwise():
+    from peft import LoraConfig, get_peft_model
+
+    assert isinstance(head_for(load_model("tiny-random")), FusedHead)
+    body_lora = get_peft_model(load_model("tiny-random"), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert isinstance(head_for(body_lora), FusedHead)
+    head_lora = get_peft_model(load_model("tiny-random"), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert isinstance(head_for(head_lora), LogitsHead)
+    other = load_model("tiny-random")
+    other.config.model_type = "gemma2"  # soft-capped logits: the model's own forward must compute them
+    assert isinstance(head_for(other), LogitsHead)
+
+
+def test_training_logprobs_through_either_head_agree_with_gradients(monkeypatch):
+    model = load_model("tiny-random")
+    gen = torch.Generator().manual_seed(3)
+    c1, c2 = (torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (6, 4))
+    contexts = [c1, c1, c2, c2]
+    targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 2, 7, 3)]
+    results = []
+    for head in ("fused", "logits"):
+        if head == "logits":
+            monkeypatch.setattr("incentive.logprobs.head_for", LogitsHead)
+        model.zero_grad()
+        lps = _shared_context_logprobs(model, contexts, targets, [0, 1, 2, 3], 0.8)
+        sum((lp * (k + 1)).sum() for k, lp in enumerate(lps)).backward()
+        results.append(
+            ([lp.detach() for lp in lps], {n: p.grad.clone() for n, p in model.named_parameters()})
+        )
+    (lp_a, g_a), (lp_b, g_b) = results
+    for a, b in zip(lp_a, lp_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-3, atol=1e-5)

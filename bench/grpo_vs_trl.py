@@ -326,8 +326,8 @@ def table(results: dict) -> str:
         step = q.get("step_time_trl_over_incentive")
         lines.append(
             f"| {variant} | **ratio** | {f'{step:.2f}x' if step else '-'} "
-            f"| {cell(q, 'tokens_per_s_incentive_over_trl', '.2f')} "
-            f"| {cell(q, 'training_tokens_per_s_incentive_over_trl', '.2f')} | "
+            f"| {cell(q, 'tokens_per_s_incentive_over_trl', '.2f')}x "
+            f"| {cell(q, 'training_tokens_per_s_incentive_over_trl', '.2f')}x | "
             f"| {q['generation_tokens_per_s_incentive_over_trl']:.2f}x | "
             f"| {q['peak_rss_incentive_over_trl']:.2f} of baseline |"
         )

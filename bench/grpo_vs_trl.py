@@ -310,8 +310,8 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def cell(r: dict, key: str, fmt: str) -> str:
-        return format(r[key], fmt) if key in r else "-"
+    def cell(r: dict, key: str, fmt: str, unit: str = "") -> str:
+        return format(r[key], fmt) + unit if key in r else "-"
 
     for variant, v in results["variants"].items():
         for tool, name in (("trl", v["baseline"]), ("incentive", "incentive")):
@@ -326,8 +326,8 @@ def table(results: dict) -> str:
         step = q.get("step_time_trl_over_incentive")
         lines.append(
             f"| {variant} | **ratio** | {f'{step:.2f}x' if step else '-'} "
-            f"| {cell(q, 'tokens_per_s_incentive_over_trl', '.2f')}x "
-            f"| {cell(q, 'training_tokens_per_s_incentive_over_trl', '.2f')}x | "
+            f"| {cell(q, 'tokens_per_s_incentive_over_trl', '.2f', 'x')} "
+            f"| {cell(q, 'training_tokens_per_s_incentive_over_trl', '.2f', 'x')} | "
             f"| {q['generation_tokens_per_s_incentive_over_trl']:.2f}x | "
             f"| {q['peak_rss_incentive_over_trl']:.2f} of baseline |"
         )

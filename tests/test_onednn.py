@@ -87,3 +87,32 @@ def test_preallocated_layer_returns_what_the_dynamic_layer_returns():
     assert mine.get_seq_length() == dynamic.get_seq_length() == 8
     with pytest.raises(RuntimeError, match="KV cache full: 9 positions, capacity 8"):
         mine.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+
+
+def test_fused_rms_norm_is_bit_equal_to_the_transformers_module_forward_and_backward():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from incentive.models.fused_norm import use_fused_rms_norm
+
+    loaded = load_model("tiny-random", onednn=False)
+    assert {type(m).__name__ for m in loaded.modules() if isinstance(m, LlamaRMSNorm)} == {
+        "FusedLlamaRMSNorm"
+    }
+
+    torch.manual_seed(4)
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 48)
+    results = []
+    for fused in (False, True):
+        if fused:
+            assert use_fused_rms_norm(norm) == 1
+        xi = x.clone().requires_grad_(True)
+        norm.weight.grad = None
+        out = norm(xi)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), xi.grad, norm.weight.grad.clone()))
+    assert isinstance(norm, LlamaRMSNorm) and type(norm).__name__ == "FusedLlamaRMSNorm"
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from incentive.models.fused_norm import use_fused_rms_norm
 from incentive.models.onednn import use_onednn
 from incentive.paths import cache_dir
 
@@ -153,6 +154,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, onednn: bool = Tru
     if config.get("quantization_config"):
         log.warning("%s declares quantization_config; training may be refused by transformers", path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    use_fused_rms_norm(model)
     if onednn:
         use_onednn(model)
     return model

@@ -2,7 +2,7 @@
 
 MKL runs its AVX2 code on AMD CPUs even where AVX-512 is there; oneDNN picks AVX-512. On this project's
 development machine (AMD EPYC, 2 cores) an fp32 linear runs at ~460 GFLOP/s through oneDNN against ~210 through
-MKL, forward and backward alike, and a decode step with 16 rows is ~1.6x faster. Results agree with the default
+MKL, forward and backward alike, and a decode step with 16 rows is ~1.5x faster. Results agree with the default
 kernels to fp32 rounding (the summation order differs), and are deterministic run to run."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         rows = grad.reshape(-1, grad.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _mm(rows, weight.t()).reshape(x.shape)
+            dx = matmul(rows, weight).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             dw = matmul(rows.t(), x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -48,8 +48,8 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for 2-D fp32 CPU tensors, through oneDNN unless the summed dimension is small, where oneDNN
-    is slow (1.6 s for a weight gradient of the 49k LM head summed over 4 rows)."""
+    """``a @ b`` for 2-D tensors, through oneDNN (via :func:`onednn_linear`) unless the summed dimension is
+    small, where oneDNN is slow (1.6 s for a weight gradient of the 49k LM head summed over 4 rows)."""
     if a.shape[1] < _MIN_SUMMED_FOR_ONEDNN:
         return a @ b
     return onednn_linear(a, b.t())

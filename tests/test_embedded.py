@@ -60,3 +60,22 @@ def test_reasoning_that_contains_the_answer_has_lower_perplexity(embedded):
     result = NoverReasoning()(batch, ctx)
     assert result.scores == [1.0, 0.5]
     assert result.extras["ppl"][0] < result.extras["ppl"][1]
+
+
+def test_training_gradients_are_bit_reproducible(embedded):
+    """The update's forward+backward on the real model gives the same gradients every time (resume promises
+    bit-identical weights); several length buckets in the backward pass once broke this at 2 threads."""
+    from incentive.logprobs import target_logprobs
+
+    model, _ = embedded
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 1000, (n,), generator=gen).tolist() for n in (46, 52, 49, 52)]
+    contexts = [p for p in prompts for _ in range(4)]
+    targets = [torch.randint(100, 1000, (int(n),), generator=gen).tolist() for n in (8, 64, 12, 27) * 4]
+    seen = set()
+    for _ in range(3):
+        model.zero_grad()
+        sum(lp.sum() for lp in target_logprobs(model, contexts, targets)).backward()
+        seen.add(tuple(p.grad.sum().item() for p in model.parameters() if p.grad is not None))
+    model.zero_grad()
+    assert len(seen) == 1

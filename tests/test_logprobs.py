@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from incentive import logprobs
@@ -43,8 +42,7 @@ def test_length_buckets_minimise_padding_plus_overhead_by_hand():
     assert length_buckets([], overhead=64) == []
 
 
-@pytest.mark.parametrize("buckets", ["planned", "one per row"])
-def test_shared_context_path_matches_whole_rows_with_gradients(tiny, monkeypatch, buckets):
+def test_shared_context_path_matches_whole_rows_with_gradients(tiny):
     from peft import LoraConfig, get_peft_model
 
     from incentive.logprobs import _shared_context_logprobs, _whole_row_logprobs
@@ -57,10 +55,6 @@ def test_shared_context_path_matches_whole_rows_with_gradients(tiny, monkeypatch
     )
     contexts = [c1, c2, c1, c2, c1]
     targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (3, 5, 1, 0, 4)]
-    if buckets == "one per row":  # every row its own forward on the shared context, last row first
-        monkeypatch.setattr(
-            logprobs, "length_buckets", lambda lengths: [[k] for k in range(len(lengths))][::-1]
-        )
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     for model in (tiny[0], get_peft_model(load_model("tiny-random"), lora)):
         results = []
@@ -74,3 +68,18 @@ def test_shared_context_path_matches_whole_rows_with_gradients(tiny, monkeypatch
         assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(lp_a, lp_b, strict=True))
         assert g_a.keys() == g_b.keys()
         assert all(torch.allclose(g_a[k], g_b[k], atol=1e-4, rtol=1e-4) for k in g_a)
+
+
+def test_scoring_in_length_buckets_matches_whole_rows(tiny, monkeypatch):
+    from incentive.logprobs import _shared_context_logprobs, _whole_row_logprobs
+
+    gen = torch.Generator().manual_seed(2)
+    c1, c2 = (torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (7, 4))
+    contexts = [c1, c2, c1, c2, c1]
+    targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (3, 5, 1, 0, 4)]
+    # every row its own forward on the shared context, last row first
+    monkeypatch.setattr(logprobs, "length_buckets", lambda lengths: [[k] for k in range(len(lengths))][::-1])
+    with torch.no_grad():
+        whole = _whole_row_logprobs(tiny[0], contexts, targets, list(range(5)), 0.7)
+        bucketed = _shared_context_logprobs(tiny[0], contexts, targets, list(range(5)), 0.7)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(whole, bucketed, strict=True))

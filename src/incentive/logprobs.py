@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 from incentive.lm_head import head_for
 
 # One more forward pass costs about this many padded tokens: on the benchmark workload (16 completions of
-# 8-64 tokens) 64 cut the update from 4.2 s to 3.3 s; 16 and 256 were slower.
+# 8-64 tokens) 64 cut a forward+backward from 4.2 s to 3.3 s; 16 and 256 were slower.
 BUCKET_OVERHEAD_TOKENS = 64
 
 
@@ -114,8 +114,8 @@ def _shared_context_logprobs(
     indices: Sequence[int],
     temperature: float,
 ) -> list[torch.Tensor]:
-    """Each distinct context once (left-padded, KV cached), then the targets (right-padded) on the cache, in
-    buckets of similar length so little padding is computed (see :func:`length_buckets`)."""
+    """Each distinct context once (left-padded, KV cached), then the targets (right-padded) on the cache; without
+    gradients, in buckets of similar length so little padding is computed (see :func:`length_buckets`)."""
     head = head_for(model)
     order: dict[tuple[int, ...], int] = {}
     for i in indices:
@@ -124,10 +124,23 @@ def _shared_context_logprobs(
     cache, last = head.run(
         1, input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True
     )
+    # Training (gradients on) keeps one bucket: with several, the backward pass of the embedded model was not
+    # bit-reproducible from run to run (seen in 2-thread CPU runs; the cause is not pinned down yet), and
+    # resuming a run must give the same weights as not stopping it.
+    target_lengths = [len(targets[i]) for i in indices]
+    buckets = [list(range(len(indices)))] if torch.is_grad_enabled() else length_buckets(target_lengths)
+    flat = [indices[k] for bucket in buckets for k in bucket]
+    # Rows are picked once for all buckets, which then take disjoint slices: gradients from the buckets reach the
+    # shared context without overlapping sums, so their order cannot change the result.
+    owner = torch.tensor([order[tuple(contexts[i])] for i in flat])
+    picked = _map_cache(cache, lambda t: t[owner])
+    last = last[owner]
     result: list[torch.Tensor] = [torch.empty(0)] * len(indices)
-    for bucket in length_buckets([len(targets[i]) for i in indices]):
-        rows = [indices[k] for k in bucket]
-        owner = torch.tensor([order[tuple(contexts[i])] for i in rows])
+    first = 0
+    for bucket in buckets:
+        part = slice(first, first + len(bucket))
+        first += len(bucket)
+        rows = flat[part]
         width = max(max(len(targets[i]) for i in rows), 1)
         tgt_ids = torch.zeros(len(rows), width, dtype=torch.long)
         tgt_mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -138,24 +151,26 @@ def _shared_context_logprobs(
         _, states = head.run(
             0,
             input_ids=tgt_ids,
-            attention_mask=torch.cat([ctx_mask[owner], tgt_mask], dim=1),
+            attention_mask=torch.cat([ctx_mask[owner[part]], tgt_mask], dim=1),
             position_ids=lengths[:, None] + torch.arange(width)[None, :],
-            cache=_select_rows(cache, owner),
+            cache=_map_cache(picked, lambda t, part=part: t[part]),
             use_cache=True,
         )
-        steps = torch.cat([last[owner][:, -1:], states[:, :-1]], dim=1)
+        steps = torch.cat([last[part][:, -1:], states[:, :-1]], dim=1)
         logp = head.logprobs(steps, tgt_ids, tgt_mask, temperature)
         for row, (k, i) in enumerate(zip(bucket, rows, strict=True)):
             result[k] = logp[row, : len(targets[i])]
     return result
 
 
-def _select_rows(cache: Cache, rows: torch.Tensor) -> Cache:
-    """A cache holding ``rows`` of ``cache`` (which stays as it is, for the next bucket); gradient flows back."""
-    picked = copy.copy(cache)
-    picked.layers = [copy.copy(layer) for layer in cache.layers]
-    picked.batch_select_indices(rows)
-    return picked
+def _map_cache(cache: Cache, pick: Callable[[torch.Tensor], torch.Tensor]) -> Cache:
+    """A cache whose keys and values are ``pick`` of those of ``cache`` (which stays as it is, for the next
+    bucket); gradient flows back through ``pick``."""
+    mapped = copy.copy(cache)
+    mapped.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in mapped.layers:
+        layer.keys, layer.values = pick(layer.keys), pick(layer.values)
+    return mapped
 
 
 def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:

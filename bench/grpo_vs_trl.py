@@ -37,16 +37,23 @@ def length_reward(texts: list[str]) -> list[float]:
     return [max(0.0, 1.0 - abs(len(t) - 120) / 120) for t in texts]
 
 
-def prompts(n: int) -> list[str]:
+# The workload's data, as recipe fields (``size`` added per run).
+DATA = {
+    "source": "task:chain_sum",
+    "seed": 0,
+    "task_args": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+}
+
+
+def examples(n: int) -> list:
+    """The first ``n`` examples of the workload."""
     from incentive.data import DataConfig, load_examples
 
-    cfg = DataConfig(
-        source="task:chain_sum",
-        size=n,
-        seed=0,
-        task_args={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
-    )
-    return [e.prompt for e in load_examples(cfg).examples]
+    return load_examples(DataConfig(size=n, **DATA)).examples
+
+
+def prompts(n: int) -> list[str]:
+    return [e.prompt for e in examples(n)]
 
 
 def matmul_gflops() -> dict[str, float]:
@@ -175,12 +182,7 @@ def run_incentive(variant: str, steps: int, out: Path) -> None:
                 "name": "embedded",
                 "lora": {"r": 16, "alpha": 32, "dropout": 0.0} if variant == "lora" else None,
             },
-            "data": {
-                "source": "task:chain_sum",
-                "size": PROMPTS * steps,
-                "seed": 0,
-                "task_args": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
-            },
+            "data": {**DATA, "size": PROMPTS * steps},
             "generation": {
                 "num_generations": GENERATIONS,
                 "prompts_per_step": PROMPTS,
@@ -214,7 +216,6 @@ def run_generation(tool: str, rounds: int, out: Path) -> None:
     import torch
 
     from incentive.config import TemplateConfig
-    from incentive.data import DataConfig, load_examples
     from incentive.engines import ENGINES, SamplingParams
     from incentive.models import load_model, load_tokenizer
     from incentive.run import build_template
@@ -226,18 +227,12 @@ def run_generation(tool: str, rounds: int, out: Path) -> None:
         if tool == "incentive"
         else ENGINES.get("hf")(load_model("embedded", onednn=False), tokenizer)
     )
-    cfg = DataConfig(
-        source="task:chain_sum",
-        size=PROMPTS * rounds,
-        seed=0,
-        task_args={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
-    )
-    examples = load_examples(cfg).examples
+    workload = examples(PROMPTS * rounds)
     template = build_template(TemplateConfig())
     params = SamplingParams(n=GENERATIONS, max_new_tokens=NEW_TOKENS)
     seconds, tokens = [], []
     for k in range(rounds):
-        chunk = examples[k * PROMPTS : (k + 1) * PROMPTS]
+        chunk = workload[k * PROMPTS : (k + 1) * PROMPTS]
         prompts = [template.render(e, tokenizer) for e in chunk]
         start = time.perf_counter()
         batch = engine.generate(chunk, prompts, list(range(len(chunk))), params)

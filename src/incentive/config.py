@@ -43,16 +43,40 @@ class TemplateConfig(Strict):
     chat_template: bool = True
 
 
+class VLLMConfig(Strict):
+    """How the vLLM engine (``generation.engine: vllm``, CUDA machines only) sizes its instance."""
+
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="share of GPU memory vLLM takes for its weights and KV cache"
+    )
+    dtype: Literal["policy", "float32", "bfloat16", "float16"] = Field(
+        "policy", description="policy: the dtype the policy was loaded in"
+    )
+    max_model_len: int | None = Field(None, ge=16, description="default: the model's context length")
+    enforce_eager: bool = Field(False, description="no CUDA graphs: faster start, slower decoding")
+
+
 class GenerationConfig(Strict):
-    engine: Literal["cached", "hf"] = Field(
+    engine: Literal["cached", "hf", "vllm"] = Field(
         "cached",
-        description="cached: own decode loop sharing each prompt's KV cache; hf: transformers generate",
+        description="cached: own decode loop sharing each prompt's KV cache; hf: transformers generate; "
+        "vllm: vLLM on a CUDA GPU, weights synced after each update (pip install 'incentive[vllm]')",
     )
     num_generations: int = Field(4, ge=1, description="G: completions per prompt")
     prompts_per_step: int = Field(4, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    vllm: VLLMConfig = VLLMConfig()
+
+    @model_validator(mode="after")
+    def _engine_usable(self) -> GenerationConfig:
+        """Refuse the vLLM engine at load time, before any model is loaded, where it cannot run."""
+        if self.engine == "vllm":
+            from incentive.engines.vllm import require_vllm
+
+            require_vllm()
+        return self
 
 
 class RewardConfig(Strict):

@@ -106,7 +106,8 @@ class Run:
 
     def _engine(self, policy: PreTrainedModel, tokenizer: Any, batch_size: int = 64) -> Engine:
         """The recipe's rollout engine; with tools, wrapped so calls execute between turns."""
-        engine = ENGINES.get(self.recipe.generation.engine)(policy, tokenizer, batch_size)
+        gen = self.recipe.generation
+        engine = ENGINES.get(gen.engine).build(policy, tokenizer, batch_size, gen)
         cfg = self.recipe.tools
         if cfg is None:
             return engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -12,6 +13,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from incentive.data.example import Example
 from incentive.engines.merged import merged_lora
 from incentive.rollout.types import Completion, RolloutBatch
+
+if TYPE_CHECKING:
+    from incentive.config import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,23 @@ class Engine(ABC):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stop_ids = stop_token_ids(model, tokenizer)
+
+    @classmethod
+    def build(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        generation: GenerationConfig,
+    ) -> Engine:
+        """The engine a recipe's ``generation`` section asks for; an engine with settings of its own (vLLM)
+        takes them from there."""
+        return cls(model, tokenizer, batch_size)
+
+    def weights_changed(self) -> None:  # noqa: B027  (a hook; most engines have nothing to refresh)
+        """The trainer calls this after each optimizer step that changed the policy. Engines that sample from
+        the live model (hf, cached) see the new weights anyway, so this does nothing; an engine that holds its
+        own copy of the weights (vLLM) refreshes it before its next ``generate``."""
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with no special tokens added (prompts already carry their chat markup)."""

@@ -223,6 +223,7 @@ class RLTrainer:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
         if torch.isfinite(norm):
             self.p.optimizer.step()
+            self.p.engine.weights_changed()
         self.p.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 

@@ -7,11 +7,15 @@ from incentive import lm_head
 from incentive.lm_head import FusedHead, LogitsHead, head_for, target_logprobs_from_hidden
 from incentive.logprobs import _shared_context_logprobs
 from incentive.models import load_model
+from incentive.models.onednn import onednn_available
 
 
 @pytest.mark.parametrize("chunk", [256, 3])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fused_logprobs_and_gradients_equal_full_log_softmax(monkeypatch, chunk, temperature):
+@pytest.mark.parametrize("onednn", [False, True])
+def test_fused_logprobs_and_gradients_equal_full_log_softmax(monkeypatch, chunk, temperature, onednn):
+    if onednn and not onednn_available():
+        pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(lm_head, "CHUNK_POSITIONS", chunk)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 16, generator=gen)
@@ -28,7 +32,7 @@ def test_fused_logprobs_and_gradients_equal_full_log_softmax(monkeypatch, chunk,
     def reference(h, w):
         return torch.log_softmax(h @ w.t() / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
-    fused = run(lambda h, w: target_logprobs_from_hidden(h, w, tokens, temperature))
+    fused = run(lambda h, w: target_logprobs_from_hidden(h, w, tokens, temperature, onednn))
     for a, b in zip(fused, run(reference), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -37,6 +41,8 @@ def test_head_for_fuses_plain_heads_and_falls_back_otherwise():
     from peft import LoraConfig, get_peft_model
 
     assert isinstance(head_for(load_model("tiny-random")), FusedHead)
+    assert not head_for(load_model("tiny-random", onednn=False)).onednn  # the head's kernels follow its layer
+    assert head_for(load_model("tiny-random", onednn=True)).onednn == onednn_available()
     body_lora = get_peft_model(load_model("tiny-random"), LoraConfig(r=2, target_modules=["q_proj"]))
     assert isinstance(head_for(body_lora), FusedHead)
     head_lora = get_peft_model(load_model("tiny-random"), LoraConfig(r=2, target_modules=["lm_head"]))

@@ -83,3 +83,40 @@ def test_scoring_in_length_buckets_matches_whole_rows(tiny, monkeypatch):
         whole = _whole_row_logprobs(tiny[0], contexts, targets, list(range(5)), 0.7)
         bucketed = _shared_context_logprobs(tiny[0], contexts, targets, list(range(5)), 0.7)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(whole, bucketed, strict=True))
+
+
+def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkeypatch):
+    """Training's path (one backward pass per length bucket, the shared context's KV gradient summed and sent
+    back once) gives the loss and gradients of one pass over whole rows, for full and LoRA models."""
+    from peft import LoraConfig, get_peft_model
+
+    from incentive.logprobs import _whole_row_logprobs, backward_target_logprobs
+    from incentive.models import load_model
+
+    gen = torch.Generator().manual_seed(3)
+    c1, c2 = (torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (7, 4))
+    contexts = [c1, c2, c1, c2, c1, c2]
+    targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (3, 5, 1, 0, 4, 2)]
+    weights = torch.arange(1.0, 7.0)
+    monkeypatch.setattr(logprobs, "length_buckets", lambda lengths: [[0, 5], [3, 2], [1, 4]])
+    seen: list[list[int]] = []
+
+    def loss_of(rows: list[int], lps: list[torch.Tensor]) -> torch.Tensor:
+        seen.append(rows)
+        return sum(((lp * weights[i]).sum() for i, lp in zip(rows, lps, strict=True)), torch.zeros(()))
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    for model in (tiny[0], get_peft_model(load_model("tiny-random"), lora)):
+        model.zero_grad()
+        lps = _whole_row_logprobs(model, contexts, targets, list(range(6)), 0.7)
+        expected = loss_of(list(range(6)), lps)
+        expected.backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        seen.clear()
+        got = backward_target_logprobs(model, contexts, targets, list(range(6)), loss_of, 0.7)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert seen == [[0, 5], [3, 2], [1, 4]]
+        assert abs(got - float(expected.detach())) < 1e-4
+        assert grads.keys() == want.keys()
+        assert all(torch.allclose(grads[k], want[k], atol=1e-4, rtol=1e-4) for k in want)

@@ -7,7 +7,13 @@ from transformers.cache_utils import DynamicLayer
 from incentive.config import ModelConfig
 from incentive.engines.kv import PreallocatedLayer
 from incentive.models import load_model
-from incentive.models.onednn import OneDNNLinear, onednn_available, onednn_linear, use_onednn
+from incentive.models.onednn import (
+    OneDNNLinear,
+    onednn_available,
+    onednn_linear,
+    onednn_preferred,
+    use_onednn,
+)
 from incentive.training.policy import build_policy
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
@@ -45,7 +51,7 @@ def test_onednn_linear_is_deterministic_and_falls_back_outside_fp32_cpu():
 @needs_onednn
 def test_use_onednn_switches_linears_and_keeps_the_model_equal():
     plain = load_model("tiny-random", onednn=False)
-    fast = load_model("tiny-random")
+    fast = load_model("tiny-random", onednn=True)
     assert not any(isinstance(m, OneDNNLinear) for m in plain.modules())
     linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is OneDNNLinear for m in linears)
@@ -66,6 +72,36 @@ def test_use_onednn_switches_linears_and_keeps_the_model_equal():
 def test_model_config_can_turn_onednn_off():
     policy = build_policy(ModelConfig(name="tiny-random", onednn=False))
     assert not any(isinstance(m, OneDNNLinear) for m in policy.modules())
+
+
+@pytest.mark.parametrize(
+    ("vendors", "expected"),
+    [
+        (["AuthenticAMD", "AuthenticAMD"], True),
+        (["HygonGenuine"], True),
+        (["GenuineIntel", "GenuineIntel"], False),  # MKL runs its own AVX-512 code there: faster than oneDNN
+        (["AuthenticAMD", "GenuineIntel"], False),
+        ([], False),  # no vendor line (ARM and others): the default BLAS
+    ],
+)
+def test_onednn_is_preferred_by_cpu_vendor(tmp_path, monkeypatch, vendors, expected):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "".join(f"processor\t: {k}\nvendor_id\t: {v}\nflags\t: avx2\n\n" for k, v in enumerate(vendors))
+    )
+    assert onednn_preferred.__wrapped__(cpuinfo) is expected
+    assert onednn_preferred.__wrapped__(tmp_path / "missing") is False
+
+
+def test_default_model_config_follows_the_cpu_vendor(monkeypatch):
+    for preferred in (True, False):
+        monkeypatch.setattr(
+            "incentive.models.loading.onednn_preferred", lambda preferred=preferred: preferred
+        )
+        policy = build_policy(ModelConfig(name="tiny-random"))
+        switched = any(isinstance(m, OneDNNLinear) for m in policy.modules())
+        assert switched is (preferred and onednn_available())
 
 
 def test_preallocated_layer_returns_what_the_dynamic_layer_returns():

@@ -28,8 +28,10 @@ class LoraConfig(Strict):
 class ModelConfig(Strict):
     name: str = "embedded"
     lora: LoraConfig | None = None
-    onednn: bool = Field(
-        True, description="CPU fp32: linear layers through oneDNN (about 2x MKL's speed on AMD CPUs)"
+    onednn: bool | None = Field(
+        None,
+        description="CPU fp32: linear layers through oneDNN; null (default): on for AMD CPUs, where it is about "
+        "2x MKL's speed, off for Intel's, where MKL is faster",
     )
 
 

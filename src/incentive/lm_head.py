@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 from transformers import PreTrainedModel
 
-from incentive.models.onednn import matmul, onednn_linear
+from incentive.models.onednn import OneDNNLinear, matmul, onednn_linear
 
 # Model types whose logits are exactly lm_head(hidden state).
 PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3"})
@@ -45,11 +46,13 @@ class LogitsHead:
 
 
 class FusedHead:
-    """The model's body, then :func:`target_logprobs_from_hidden` with the head's weight."""
+    """The model's body, then :func:`target_logprobs_from_hidden` with the head's weight (through oneDNN when
+    the head's own layer is, see :mod:`incentive.models.onednn`)."""
 
-    def __init__(self, body: torch.nn.Module, weight: torch.Tensor) -> None:
+    def __init__(self, body: torch.nn.Module, weight: torch.Tensor, onednn: bool = False) -> None:
         self.body = body
         self.weight = weight
+        self.onednn = onednn
 
     def run(self, keep: int, **inputs: Any) -> tuple[Any, torch.Tensor]:
         out = self.body(**inputs)
@@ -59,7 +62,7 @@ class FusedHead:
         self, states: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float
     ) -> torch.Tensor:
         on = mask.bool()
-        picked = target_logprobs_from_hidden(states[on], self.weight, tokens[on], temperature)
+        picked = target_logprobs_from_hidden(states[on], self.weight, tokens[on], temperature, self.onednn)
         return torch.zeros(mask.shape, dtype=picked.dtype, device=mask.device).index_put((on,), picked)
 
 
@@ -73,32 +76,43 @@ def head_for(model: PreTrainedModel) -> LogitsHead | FusedHead:
         and head.bias is None
         and hasattr(base, "get_decoder")
     ):
-        return FusedHead(base.get_decoder(), head.weight)
+        return FusedHead(base.get_decoder(), head.weight, isinstance(head, OneDNNLinear))
     return LogitsHead(model)
 
 
 def target_logprobs_from_hidden(
-    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    onednn: bool = False,
 ) -> torch.Tensor:
     """log softmax(hidden · weightᵀ / temperature)[token] for each of N positions ([N, d] hidden, [N] tokens),
-    holding at most ``CHUNK_POSITIONS`` rows of logits at a time, forward and backward."""
-    return _TargetLogprobs.apply(hidden, weight, tokens, temperature)
+    holding at most ``CHUNK_POSITIONS`` rows of logits at a time, forward and backward; products through
+    oneDNN if ``onednn``, else the default BLAS."""
+    return _TargetLogprobs.apply(hidden, weight, tokens, temperature, onednn)
 
 
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        tokens: torch.Tensor,
+        temperature: float,
+        onednn: bool,
     ) -> torch.Tensor:
         out = hidden.new_empty(hidden.shape[0])
         lse = hidden.new_empty(hidden.shape[0])
         for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
             part = slice(start, start + CHUNK_POSITIONS)
-            logits = _logits(hidden[part], weight, temperature)
+            logits = _logits(hidden[part], weight, temperature, onednn)
             lse[part] = logits.logsumexp(-1)
             out[part] = logits.gather(-1, tokens[part, None]).squeeze(-1) - lse[part]
         ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.temperature = temperature
+        ctx.onednn = onednn
         return out
 
     @staticmethod
@@ -111,18 +125,18 @@ class _TargetLogprobs(torch.autograd.Function):
             part = slice(start, start + CHUNK_POSITIONS)
             g = grad[part]
             # d logp[token] / d logits = onehot(token) - softmax, times the incoming gradient.
-            d_logits = (_logits(hidden[part], weight, ctx.temperature) - lse[part, None]).exp_()
+            d_logits = (_logits(hidden[part], weight, ctx.temperature, ctx.onednn) - lse[part, None]).exp_()
             d_logits.mul_(-g[:, None])
             d_logits[torch.arange(len(g), device=g.device), tokens[part]] += g
             if ctx.temperature != 1.0:
                 d_logits /= ctx.temperature
             if d_hidden is not None:
-                d_hidden[part] = onednn_linear(d_logits, weight.t())
+                d_hidden[part] = onednn_linear(d_logits, weight.t()) if ctx.onednn else d_logits @ weight
             if d_weight is not None:
-                d_weight += matmul(d_logits.t(), hidden[part])
-        return d_hidden, d_weight, None, None
+                d_weight += matmul(d_logits.t(), hidden[part]) if ctx.onednn else d_logits.t() @ hidden[part]
+        return d_hidden, d_weight, None, None, None
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = onednn_linear(hidden, weight).float()
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, onednn: bool) -> torch.Tensor:
+    logits = (onednn_linear(hidden, weight) if onednn else F.linear(hidden, weight)).float()
     return logits / temperature if temperature != 1.0 else logits

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from incentive.lm_head import head_for
+from incentive.lm_head import FusedHead, LogitsHead, head_for
 
 # One more forward pass costs about this many padded tokens: on the benchmark workload (16 completions of
 # 8-64 tokens) 64 cut a forward+backward from 4.2 s to 3.3 s; 16 and 256 were slower.
@@ -117,50 +117,111 @@ def _shared_context_logprobs(
     """Each distinct context once (left-padded, KV cached), then the targets (right-padded) on the cache; without
     gradients, in buckets of similar length so little padding is computed (see :func:`length_buckets`)."""
     head = head_for(model)
-    order: dict[tuple[int, ...], int] = {}
-    for i in indices:
-        order.setdefault(tuple(contexts[i]), len(order))
-    ctx_ids, ctx_mask, ctx_pos = left_padded(list(order))
-    cache, last = head.run(
-        1, input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True
-    )
-    # Training (gradients on) keeps one bucket: with several, the backward pass of the embedded model was not
-    # bit-reproducible from run to run (seen in 2-thread CPU runs; the cause is not pinned down yet), and
-    # resuming a run must give the same weights as not stopping it.
+    context = _SharedContext(head, contexts, indices)
+    # With gradients everything stays in one bucket here: several buckets in one backward pass made the embedded
+    # model's gradients differ in the last bits from run to run at 2 threads. Training goes through
+    # :func:`backward_target_logprobs`, which buckets with one backward pass per bucket.
     target_lengths = [len(targets[i]) for i in indices]
     buckets = [list(range(len(indices)))] if torch.is_grad_enabled() else length_buckets(target_lengths)
-    flat = [indices[k] for bucket in buckets for k in bucket]
-    # Rows are picked once for all buckets, which then take disjoint slices: gradients from the buckets reach the
-    # shared context without overlapping sums, so their order cannot change the result.
-    owner = torch.tensor([order[tuple(contexts[i])] for i in flat])
-    picked = _map_cache(cache, lambda t: t[owner])
-    last = last[owner]
     result: list[torch.Tensor] = [torch.empty(0)] * len(indices)
-    first = 0
     for bucket in buckets:
-        part = slice(first, first + len(bucket))
-        first += len(bucket)
-        rows = flat[part]
+        rows = [indices[k] for k in bucket]
+        logp = context.target_logprobs(head, context.cache, context.last, rows, targets, temperature)
+        for row, (k, i) in enumerate(zip(bucket, rows, strict=True)):
+            result[k] = logp[row, : len(targets[i])]
+    return result
+
+
+def backward_target_logprobs(
+    model: PreTrainedModel,
+    contexts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    indices: Sequence[int],
+    loss_of: Callable[[list[int], list[torch.Tensor]], torch.Tensor],
+    temperature: float = 1.0,
+) -> float:
+    """Forward and backward pass of a loss on the logprobs of ``indices``' targets; returns the summed loss.
+
+    ``loss_of(rows, logprobs)`` gives the loss of some of the rows (their indices and per-token logprobs). Rows
+    that share a context run in length buckets on one forward of the context, and each bucket's backward pass
+    runs before the next bucket's forward, so only one bucket's activations are alive at a time. The gradient
+    reaching the context's KV cache is summed over the buckets in a fixed order, then sent back through the
+    context's forward once; every backward pass is a single bucket's, which keeps gradients bit-reproducible.
+    """
+    unique = {tuple(contexts[i]) for i in indices}
+    if len(unique) == len(indices):
+        logps = _whole_row_logprobs(model, contexts, targets, indices, temperature)
+        loss = loss_of(list(indices), logps)
+        loss.backward()
+        return float(loss.detach())
+    head = head_for(model)
+    context = _SharedContext(head, contexts, indices)
+    cache = _map_cache(context.cache, lambda t: t.detach().requires_grad_(t.requires_grad))
+    last = context.last.detach().requires_grad_(context.last.requires_grad)
+    total = 0.0
+    for bucket in length_buckets([len(targets[i]) for i in indices]):
+        rows = [indices[k] for k in bucket]
+        logp = context.target_logprobs(head, cache, last, rows, targets, temperature)
+        loss = loss_of(rows, [logp[row, : len(targets[i])] for row, i in enumerate(rows)])
+        loss.backward()
+        total += float(loss.detach())
+    sent = [
+        (source, leaf.grad)
+        for source, leaf in zip(_cache_tensors(context.cache), _cache_tensors(cache), strict=True)
+        if leaf.grad is not None
+    ]
+    if last.grad is not None:
+        sent.append((context.last, last.grad))
+    if sent:
+        torch.autograd.backward([s for s, _ in sent], [g for _, g in sent])
+    return total
+
+
+class _SharedContext:
+    """The distinct contexts of some rows, run once (left-padded) with their KV cache kept for the targets."""
+
+    def __init__(
+        self, head: LogitsHead | FusedHead, contexts: Sequence[Sequence[int]], indices: Sequence[int]
+    ) -> None:
+        order: dict[tuple[int, ...], int] = {}
+        for i in indices:
+            order.setdefault(tuple(contexts[i]), len(order))
+        self.contexts = contexts
+        self.order = order
+        ids, self.mask, positions = left_padded(list(order))
+        self.cache, self.last = head.run(
+            1, input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True
+        )
+
+    def target_logprobs(
+        self,
+        head: LogitsHead | FusedHead,
+        cache: Cache,
+        last: torch.Tensor,
+        rows: Sequence[int],
+        targets: Sequence[Sequence[int]],
+        temperature: float,
+    ) -> torch.Tensor:
+        """[rows, longest target] logprobs of ``rows``' targets (right-padded, 0 past each end) on ``cache`` and
+        ``last`` (this context's cache and last states, or detached copies of them)."""
+        owner = torch.tensor([self.order[tuple(self.contexts[i])] for i in rows])
         width = max(max(len(targets[i]) for i in rows), 1)
         tgt_ids = torch.zeros(len(rows), width, dtype=torch.long)
         tgt_mask = torch.zeros(len(rows), width, dtype=torch.long)
         for row, i in enumerate(rows):
             tgt_ids[row, : len(targets[i])] = torch.tensor(list(targets[i]), dtype=torch.long)
             tgt_mask[row, : len(targets[i])] = 1
-        lengths = torch.tensor([len(contexts[i]) for i in rows])
+        lengths = torch.tensor([len(self.contexts[i]) for i in rows])
         _, states = head.run(
             0,
             input_ids=tgt_ids,
-            attention_mask=torch.cat([ctx_mask[owner[part]], tgt_mask], dim=1),
+            attention_mask=torch.cat([self.mask[owner], tgt_mask], dim=1),
             position_ids=lengths[:, None] + torch.arange(width)[None, :],
-            cache=_map_cache(picked, lambda t, part=part: t[part]),
+            cache=_map_cache(cache, lambda t: t[owner]),
             use_cache=True,
         )
-        steps = torch.cat([last[part][:, -1:], states[:, :-1]], dim=1)
-        logp = head.logprobs(steps, tgt_ids, tgt_mask, temperature)
-        for row, (k, i) in enumerate(zip(bucket, rows, strict=True)):
-            result[k] = logp[row, : len(targets[i])]
-    return result
+        steps = torch.cat([last[owner][:, -1:], states[:, :-1]], dim=1)
+        return head.logprobs(steps, tgt_ids, tgt_mask, temperature)
 
 
 def _map_cache(cache: Cache, pick: Callable[[torch.Tensor], torch.Tensor]) -> Cache:
@@ -171,6 +232,11 @@ def _map_cache(cache: Cache, pick: Callable[[torch.Tensor], torch.Tensor]) -> Ca
     for layer in mapped.layers:
         layer.keys, layer.values = pick(layer.keys), pick(layer.values)
     return mapped
+
+
+def _cache_tensors(cache: Cache) -> list[torch.Tensor]:
+    """Keys and values of every layer of ``cache``, in a fixed order."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
 def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from incentive.models.fused_norm import use_fused_rms_norm
-from incentive.models.onednn import use_onednn
+from incentive.models.onednn import onednn_preferred, use_onednn
 from incentive.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -146,15 +146,15 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, onednn: bool = True) -> PreTrainedModel:
+def load_model(name: str, dtype: torch.dtype = torch.float32, onednn: bool | None = None) -> PreTrainedModel:
     """Load a causal LM by name (see module doc) on the CPU, in training-ready form; ``onednn`` routes its
-    linear layers through oneDNN (see :mod:`incentive.models.onednn`)."""
+    linear layers through oneDNN (None: where :func:`onednn_preferred`, see :mod:`incentive.models.onednn`)."""
     path = resolve(name)
     config = json.loads((path / "config.json").read_text())
     if config.get("quantization_config"):
         log.warning("%s declares quantization_config; training may be refused by transformers", path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     use_fused_rms_norm(model)
-    if onednn:
+    if onednn_preferred() if onednn is None else onednn:
         use_onednn(model)
     return model

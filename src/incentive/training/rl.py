@@ -18,7 +18,7 @@ from incentive.advantages import AdvantageEstimator
 from incentive.config import Recipe
 from incentive.data.example import Example
 from incentive.engines import Engine, SamplingParams
-from incentive.logprobs import forward_target_logprobs, plan_batches, target_logprobs
+from incentive.logprobs import backward_target_logprobs, plan_batches, target_logprobs
 from incentive.losses import PolicyLoss, Totals
 from incentive.rewards.base import RewardContext, Scorer
 from incentive.rewards.pipeline import RewardPipeline, Scored
@@ -179,27 +179,33 @@ class RLTrainer:
         adv = advantages[active]
         ref = self._reference_logprobs(contexts, targets) if loss_cfg.kl_beta > 0 else None
         old = self._old_logprobs(contexts, targets) if rl.num_iterations > 1 else None
-        stats: dict[str, list[float]] = {}
+        stats: dict[str, list[tuple[float, float]]] = {}
         losses: list[float] = []
         grad_norms: list[float] = []
+
+        def loss_of(rows: list[int], logp: list[torch.Tensor]) -> torch.Tensor:
+            width = max(len(targets[i]) for i in rows)
+            logp_t = pad(logp, width)
+            mask = pad([comps[i].trained_mask for i in rows], width)
+            old_t = pad([old[i] for i in rows], width) if old else logp_t.detach()
+            ref_t = pad([ref[i] for i in rows], width) if ref else None
+            loss, part_stats = p.loss(logp_t, old_t, adv[rows], mask, totals, ref_t)
+            tokens = float(mask.sum())
+            for key, value in part_stats.items():
+                stats.setdefault(key, []).append((value, tokens))
+            return loss
+
         for _ in range(rl.num_iterations):
             total_loss = 0.0
             for chunk in plan_batches(contexts, targets, rl.micro_batch_tokens):
-                logp = forward_target_logprobs(p.policy, contexts, targets, chunk, self.params.temperature)
-                width = max(len(targets[i]) for i in chunk)
-                logp_t = pad(logp, width)
-                mask = pad([comps[i].trained_mask for i in chunk], width)
-                old_t = pad([old[i] for i in chunk], width) if old else logp_t.detach()
-                ref_t = pad([ref[i] for i in chunk], width) if ref else None
-                loss, chunk_stats = p.loss(logp_t, old_t, adv[chunk], mask, totals, ref_t)
-                loss.backward()
-                total_loss += float(loss.detach())
-                for key, value in chunk_stats.items():
-                    stats.setdefault(key, []).append(value)
+                total_loss += backward_target_logprobs(
+                    p.policy, contexts, targets, chunk, loss_of, self.params.temperature
+                )
             losses.append(total_loss)
             grad_norms.append(self._optimizer_step())
         p.scheduler.step()
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        # Each part's statistics are means over its tokens; weighting by them gives means over the batch.
+        out = {k: sum(x * w for x, w in v) / max(sum(w for _, w in v), 1.0) for k, v in stats.items()}
         out["loss"] = sum(losses) / len(losses)
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["nonfinite_updates"] = float(sum(not math.isfinite(g) for g in grad_norms))

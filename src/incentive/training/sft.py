@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from incentive.logprobs import forward_target_logprobs, plan_batches
+from incentive.logprobs import backward_target_logprobs, plan_batches
 from incentive.tools import CallProtocol
 from incentive.training.sampler import EpochSampler
 
@@ -82,12 +82,13 @@ class SFTTrainer:
         n_tokens = int(sum(float(m.sum()) for m in masks))
         total = 0.0
         self.policy.train()
+
+        def loss_of(rows: list[int], logps: list[torch.Tensor]) -> torch.Tensor:
+            weighted = torch.cat([lp * masks[i] for lp, i in zip(logps, rows, strict=True)])
+            return -weighted.sum() / n_tokens
+
         for chunk in plan_batches(contexts, targets, self.micro_batch_tokens):
-            logps = forward_target_logprobs(self.policy, contexts, targets, chunk)
-            weighted = torch.cat([lp * masks[i] for lp, i in zip(logps, chunk, strict=True)])
-            loss = -weighted.sum() / n_tokens
-            loss.backward()
-            total += float(loss.detach())
+            total += backward_target_logprobs(self.policy, contexts, targets, chunk, loss_of)
         params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
         if torch.isfinite(norm):

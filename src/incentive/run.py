@@ -26,6 +26,7 @@ from incentive.engines.tools import ToolEngine
 from incentive.evaluation import evaluate
 from incentive.hooks import HOOKS
 from incentive.losses import PolicyLoss
+from incentive.malloc import keep_freed_memory
 from incentive.models import context_length, load_tokenizer
 from incentive.registry import Registry
 from incentive.rewards import REWARDS  # noqa: F401  (registers the built-in rewards)
@@ -185,6 +186,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         recipe = self.recipe
         transformers.utils.logging.disable_progress_bar()
+        keep_freed_memory()
         if recipe.run.threads:
             torch.set_num_threads(recipe.run.threads)
         seed_everything(recipe.run.seed)

@@ -40,6 +40,11 @@ def test_length_buckets_minimise_padding_plus_overhead_by_hand():
     assert length_buckets(lengths, overhead=1000) == [[0, 4, 2, 3, 5, 1]]
     assert length_buckets(lengths, overhead=0) == [[0], [4], [2], [3], [5], [1]]
     assert length_buckets([], overhead=64) == []
+    # at most 128 padded tokens per bucket: {60,63,64} (192) is out; {60} {63,64} costs 60+64 + 128+64 = 316,
+    # {60,63} {64} 126+64 + 64+64 = 318, three singles 187 + 3*64 = 379
+    assert length_buckets(lengths, overhead=64, max_tokens=128) == [[0, 4, 2], [3], [5, 1]]
+    assert length_buckets(lengths, overhead=64, max_tokens=100) == [[0, 4, 2], [3], [5], [1]]
+    assert length_buckets([70, 80], overhead=0, max_tokens=50) == [[0], [1]]  # a row alone may exceed it
 
 
 def test_shared_context_path_matches_whole_rows_with_gradients(tiny):
@@ -98,7 +103,7 @@ def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkey
     contexts = [c1, c2, c1, c2, c1, c2]
     targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (3, 5, 1, 0, 4, 2)]
     weights = torch.arange(1.0, 7.0)
-    monkeypatch.setattr(logprobs, "length_buckets", lambda lengths: [[0, 5], [3, 2], [1, 4]])
+    monkeypatch.setattr(logprobs, "length_buckets", lambda lengths, **_: [[0, 5], [3, 2], [1, 4]])
     seen: list[list[int]] = []
 
     def loss_of(rows: list[int], lps: list[torch.Tensor]) -> torch.Tensor:

@@ -20,6 +20,9 @@ from incentive.lm_head import FusedHead, LogitsHead, head_for
 # One more forward pass costs about this many padded tokens: on the benchmark workload (16 completions of
 # 8-64 tokens) 64 cut a forward+backward from 4.2 s to 3.3 s; 16 and 256 were slower.
 BUCKET_OVERHEAD_TOKENS = 64
+# Target tokens (padded) of one training bucket at most: its activations are ~1.6 MB per token for the embedded
+# model, so 256 keeps a pass under ~0.4 GB.
+TRAINING_BUCKET_TOKENS = 256
 
 
 def plan_batches(
@@ -126,7 +129,7 @@ def _shared_context_logprobs(
     result: list[torch.Tensor] = [torch.empty(0)] * len(indices)
     for bucket in buckets:
         rows = [indices[k] for k in bucket]
-        logp = context.target_logprobs(head, context.cache, context.last, rows, targets, temperature)
+        logp = context.target_logprobs(head, rows, targets, temperature)
         for row, (k, i) in enumerate(zip(bucket, rows, strict=True)):
             result[k] = logp[row, : len(targets[i])]
     return result
@@ -143,10 +146,12 @@ def backward_target_logprobs(
     """Forward and backward pass of a loss on the logprobs of ``indices``' targets; returns the summed loss.
 
     ``loss_of(rows, logprobs)`` gives the loss of some of the rows (their indices and per-token logprobs). Rows
-    that share a context run in length buckets on one forward of the context, and each bucket's backward pass
-    runs before the next bucket's forward, so only one bucket's activations are alive at a time. The gradient
-    reaching the context's KV cache is summed over the buckets in a fixed order, then sent back through the
-    context's forward once; every backward pass is a single bucket's, which keeps gradients bit-reproducible.
+    that share a context run in length buckets on the context's KV cache, each bucket's backward pass before the
+    next bucket's forward, so only one bucket's activations are alive at a time. The context runs first without
+    gradient; the gradient reaching its KV cache is summed over the buckets in a fixed order, and at the end the
+    context runs again with gradient and the sum goes back through it (one more context forward, and the
+    context's activations are never alive together with a bucket's). Every backward pass is a single graph's,
+    which keeps gradients bit-reproducible.
     """
     unique = {tuple(contexts[i]) for i in indices}
     if len(unique) == len(indices):
@@ -155,23 +160,24 @@ def backward_target_logprobs(
         loss.backward()
         return float(loss.detach())
     head = head_for(model)
-    context = _SharedContext(head, contexts, indices)
-    cache = _map_cache(context.cache, lambda t: t.detach().requires_grad_(t.requires_grad))
-    last = context.last.detach().requires_grad_(context.last.requires_grad)
+    with torch.no_grad():
+        context = _SharedContext(head, contexts, indices)
+    leaves = [*_cache_tensors(context.cache), context.last]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
     total = 0.0
-    for bucket in length_buckets([len(targets[i]) for i in indices]):
+    for bucket in length_buckets([len(targets[i]) for i in indices], max_tokens=TRAINING_BUCKET_TOKENS):
         rows = [indices[k] for k in bucket]
-        logp = context.target_logprobs(head, cache, last, rows, targets, temperature)
+        logp = context.target_logprobs(head, rows, targets, temperature)
         loss = loss_of(rows, [logp[row, : len(targets[i])] for row, i in enumerate(rows)])
         loss.backward()
         total += float(loss.detach())
+    again = _SharedContext(head, contexts, indices)
     sent = [
         (source, leaf.grad)
-        for source, leaf in zip(_cache_tensors(context.cache), _cache_tensors(cache), strict=True)
-        if leaf.grad is not None
+        for source, leaf in zip([*_cache_tensors(again.cache), again.last], leaves, strict=True)
+        if leaf.grad is not None and source.requires_grad
     ]
-    if last.grad is not None:
-        sent.append((context.last, last.grad))
     if sent:
         torch.autograd.backward([s for s, _ in sent], [g for _, g in sent])
     return total
@@ -196,14 +202,12 @@ class _SharedContext:
     def target_logprobs(
         self,
         head: LogitsHead | FusedHead,
-        cache: Cache,
-        last: torch.Tensor,
         rows: Sequence[int],
         targets: Sequence[Sequence[int]],
         temperature: float,
     ) -> torch.Tensor:
-        """[rows, longest target] logprobs of ``rows``' targets (right-padded, 0 past each end) on ``cache`` and
-        ``last`` (this context's cache and last states, or detached copies of them)."""
+        """[rows, longest target] logprobs of ``rows``' targets (right-padded, 0 past each end) on the context's
+        cache and last states (which stay as they are, for the next rows)."""
         owner = torch.tensor([self.order[tuple(self.contexts[i])] for i in rows])
         width = max(max(len(targets[i]) for i in rows), 1)
         tgt_ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -217,10 +221,10 @@ class _SharedContext:
             input_ids=tgt_ids,
             attention_mask=torch.cat([self.mask[owner], tgt_mask], dim=1),
             position_ids=lengths[:, None] + torch.arange(width)[None, :],
-            cache=_map_cache(cache, lambda t: t[owner]),
+            cache=_map_cache(self.cache, lambda t: t[owner]),
             use_cache=True,
         )
-        steps = torch.cat([last[owner][:, -1:], states[:, :-1]], dim=1)
+        steps = torch.cat([self.last[owner][:, -1:], states[:, :-1]], dim=1)
         return head.logprobs(steps, tgt_ids, tgt_mask, temperature)
 
 
@@ -239,15 +243,20 @@ def _cache_tensors(cache: Cache) -> list[torch.Tensor]:
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
-def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+def length_buckets(
+    lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD_TOKENS, max_tokens: int | None = None
+) -> list[list[int]]:
     """Positions of ``lengths`` split into runs of sorted length that minimise padded tokens plus ``overhead``
-    tokens per run (the price of one more, smaller forward pass); exact, by dynamic programming."""
+    tokens per run (the price of one more, smaller forward pass); exact, by dynamic programming. With
+    ``max_tokens``, no run of several rows pads to more tokens than that (it bounds a pass's activations)."""
     order = sorted(range(len(lengths)), key=lambda k: lengths[k])
     best = [0] + [math.inf] * len(order)
     start = [0] * (len(order) + 1)
     for end in range(1, len(order) + 1):
         longest = lengths[order[end - 1]]
         for first in range(end):
+            if max_tokens is not None and end - first > 1 and (end - first) * longest > max_tokens:
+                continue
             cost = best[first] + (end - first) * longest + overhead
             if cost < best[end]:
                 best[end], start[end] = cost, first

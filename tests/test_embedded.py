@@ -65,8 +65,8 @@ def test_reasoning_that_contains_the_answer_has_lower_perplexity(embedded):
 
 def test_training_gradients_are_bit_reproducible(embedded):
     """The update's forward+backward on the real model gives the same gradients every time (resume promises
-    bit-identical weights); several length buckets in one backward pass once broke this at 2 threads, so each
-    bucket now has its own."""
+    bit-identical weights); rows picking their shared prompt with ``t[rows]`` once broke this at 2 threads (its
+    backward adds with atomics), see ``test_logprobs.py``."""
     from incentive.logprobs import backward_target_logprobs, length_buckets
 
     model, _ = embedded

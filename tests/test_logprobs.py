@@ -125,3 +125,28 @@ def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkey
         assert abs(got - float(expected.detach())) < 1e-4
         assert grads.keys() == want.keys()
         assert all(torch.allclose(grads[k], want[k], atol=1e-4, rtol=1e-4) for k in want)
+
+
+def test_shared_context_gradients_are_bit_reproducible(tiny):
+    """Rows pick their shared context's KV cache with ``index_select``: ``t[rows]``'s backward sums the rows of
+    a context with atomic adds on several threads once a tensor is large (here 8 rows x 2 heads x 400
+    positions x 16), so three or more rows of a context in one bucket summed in a different order now and
+    then; ``index_select``'s backward sums them in a fixed order."""
+    from incentive.logprobs import backward_target_logprobs, length_buckets
+
+    model = tiny[0]
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 1000, (400,), generator=gen).tolist() for _ in range(2)]
+    contexts = [p for p in prompts for _ in range(8)]
+    # close lengths: two buckets of 8 rows, 4 of each context, spread over both threads' halves
+    targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in range(10, 18)] * 2
+    assert [len(b) for b in length_buckets([len(t) for t in targets], max_tokens=256)] == [8, 8]
+    seen = set()
+    for _ in range(30):
+        model.zero_grad()
+        backward_target_logprobs(
+            model, contexts, targets, range(16), lambda rows, lps: sum(lp.sum() for lp in lps)
+        )
+        seen.add(b"".join(p.grad.numpy().tobytes() for p in model.parameters() if p.grad is not None))
+    model.zero_grad()
+    assert len(seen) == 1

@@ -117,17 +117,13 @@ def _shared_context_logprobs(
     indices: Sequence[int],
     temperature: float,
 ) -> list[torch.Tensor]:
-    """Each distinct context once (left-padded, KV cached), then the targets (right-padded) on the cache; without
-    gradients, in buckets of similar length so little padding is computed (see :func:`length_buckets`)."""
+    """Each distinct context once (left-padded, KV cached), then the targets (right-padded) on the cache, in
+    buckets of similar length so little padding is computed (see :func:`length_buckets`). For training,
+    :func:`backward_target_logprobs` keeps less alive at a time."""
     head = head_for(model)
     context = _SharedContext(head, contexts, indices)
-    # With gradients everything stays in one bucket here: several buckets in one backward pass made the embedded
-    # model's gradients differ in the last bits from run to run at 2 threads. Training goes through
-    # :func:`backward_target_logprobs`, which buckets with one backward pass per bucket.
-    target_lengths = [len(targets[i]) for i in indices]
-    buckets = [list(range(len(indices)))] if torch.is_grad_enabled() else length_buckets(target_lengths)
     result: list[torch.Tensor] = [torch.empty(0)] * len(indices)
-    for bucket in buckets:
+    for bucket in length_buckets([len(targets[i]) for i in indices]):
         rows = [indices[k] for k in bucket]
         logp = context.target_logprobs(head, rows, targets, temperature)
         for row, (k, i) in enumerate(zip(bucket, rows, strict=True)):
@@ -150,8 +146,7 @@ def backward_target_logprobs(
     next bucket's forward, so only one bucket's activations are alive at a time. The context runs first without
     gradient; the gradient reaching its KV cache is summed over the buckets in a fixed order, and at the end the
     context runs again with gradient and the sum goes back through it (one more context forward, and the
-    context's activations are never alive together with a bucket's). Every backward pass is a single graph's,
-    which keeps gradients bit-reproducible.
+    context's activations are never alive together with a bucket's).
     """
     unique = {tuple(contexts[i]) for i in indices}
     if len(unique) == len(indices):
@@ -207,7 +202,10 @@ class _SharedContext:
         temperature: float,
     ) -> torch.Tensor:
         """[rows, longest target] logprobs of ``rows``' targets (right-padded, 0 past each end) on the context's
-        cache and last states (which stay as they are, for the next rows)."""
+        cache and last states (which stay as they are, for the next rows). Rows pick their context with
+        ``index_select``: the backward pass of ``t[owner]`` adds the rows sharing a context with atomic float
+        adds on several threads, in a different order each time (300 backward passes gave 103 different
+        gradients); ``index_select``'s adds them in a fixed order."""
         owner = torch.tensor([self.order[tuple(self.contexts[i])] for i in rows])
         width = max(max(len(targets[i]) for i in rows), 1)
         tgt_ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -221,10 +219,10 @@ class _SharedContext:
             input_ids=tgt_ids,
             attention_mask=torch.cat([self.mask[owner], tgt_mask], dim=1),
             position_ids=lengths[:, None] + torch.arange(width)[None, :],
-            cache=_map_cache(self.cache, lambda t: t[owner]),
+            cache=_map_cache(self.cache, lambda t: t.index_select(0, owner)),
             use_cache=True,
         )
-        steps = torch.cat([self.last[owner][:, -1:], states[:, :-1]], dim=1)
+        steps = torch.cat([self.last.index_select(0, owner)[:, -1:], states[:, :-1]], dim=1)
         return head.logprobs(steps, tgt_ids, tgt_mask, temperature)
 
 

@@ -120,7 +120,7 @@ class _TargetLogprobs(torch.autograd.Function):
         hidden, weight, tokens, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         d_hidden = torch.empty_like(hidden) if want_hidden else None
-        d_weight = torch.zeros_like(weight) if want_weight else None
+        d_weight: torch.Tensor | None = None
         for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
             part = slice(start, start + CHUNK_POSITIONS)
             g = grad[part]
@@ -132,8 +132,12 @@ class _TargetLogprobs(torch.autograd.Function):
                 d_logits /= ctx.temperature
             if d_hidden is not None:
                 d_hidden[part] = onednn_linear(d_logits, weight.t()) if ctx.onednn else d_logits @ weight
-            if d_weight is not None:
-                d_weight += matmul(d_logits.t(), hidden[part]) if ctx.onednn else d_logits.t() @ hidden[part]
+            if want_weight:
+                part_weight = (
+                    matmul(d_logits.t(), hidden[part]) if ctx.onednn else d_logits.t() @ hidden[part]
+                )
+                # the first chunk's product is the sum so far: no zero-filled [vocab, d] tensor to add it to
+                d_weight = part_weight if d_weight is None else d_weight.add_(part_weight)
         return d_hidden, d_weight, None, None, None
 
 

@@ -93,8 +93,14 @@ def run_trl(variant: str, steps: int, out: Path) -> None:
     times: list[float] = []
     tokens: list[int] = []
     generate_s: list[float] = []
+    # rendered, then tokenized: with tokenize=True newer transformers return a dict, whose len() is its key count
     prompt_tokens = [
-        len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True))
+        len(
+            tokenizer(
+                tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False,
+            ).input_ids
+        )
         for r in rows
     ]
     generate = GenerationMixin.generate
@@ -339,8 +345,10 @@ def main() -> None:
         default=["full", "lora", "generation"],
         choices=["full", "lora", "generation"],
     )
-    parser.add_argument("--steps", type=int, default=3, help="steps (rounds) per run; the first is warm-up")
-    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4, help="steps (rounds) per run; the first is warm-up")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="runs per tool and variant, alternating (1 for a quick look)"
+    )
     parser.add_argument(
         "--child", nargs=4, metavar=("TOOL", "VARIANT", "STEPS", "OUT"), help=argparse.SUPPRESS
     )

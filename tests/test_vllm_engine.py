@@ -35,15 +35,13 @@ def prompts_for(tokenizer, n=4):
 
 
 def step_towards(model, token: int, lr: float = 0.5, steps: int = 1) -> None:
-    """Optimizer steps that raise ``token``'s logprob everywhere: a weight change greedy decoding shows."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr)
-    ids = torch.arange(10, 40)[None]
-    for _ in range(steps):
-        logits = model(input_ids=ids).logits
-        (-torch.log_softmax(logits.float(), -1)[..., token].mean()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    """The GPU check script's weight change that greedy decoding shows (``bench/vllm_check.py``)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from vllm_check import step_towards as change
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    change(model, token, lr, steps)
 
 
 # -- a fake vllm module ---------------------------------------------------------------------------------------

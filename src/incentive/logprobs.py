@@ -1,7 +1,7 @@
 """Teacher-forced log-probabilities of target tokens after a context, batched with little padding.
 
-Used by the trainer (with gradient) for policy logprobs of completions, and by rewards (without) to score
-references, e.g. NOVER's reasoning perplexity. Sequences are sorted by length and packed into micro-batches under
+Used by the trainer (forward and backward, :func:`backward_target_logprobs`) for policy logprobs of completions,
+and by rewards (without gradient) to score references, e.g. NOVER's reasoning perplexity. Sequences are sorted by length and packed into micro-batches under
 a token budget, so padding stays small; results come back in input order.
 """
 
@@ -62,10 +62,11 @@ def forward_target_logprobs(
     indices: Sequence[int],
     temperature: float = 1.0,
 ) -> list[torch.Tensor]:
-    """Logprob of each target token of ``indices`` given everything before it, in one or two forwards.
+    """Logprob of each target token of ``indices`` given everything before it.
 
     When several rows share a context (the G completions of a prompt), the context runs once and its KV cache
-    is shared by the rows (gradient flows through it); otherwise each row runs whole.
+    is shared by the rows, which run in length buckets (gradient flows through it); otherwise each row runs
+    whole, in one forward.
     """
     for i in indices:
         if targets[i] and not contexts[i]:

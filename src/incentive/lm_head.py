@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
+from incentive.grad_in_place import add_product, add_tensor, embedding_in_place, in_place_for
 from incentive.models.onednn import OneDNNLinear, matmul, onednn_linear
 
 # Model types whose logits are exactly lm_head(hidden state).
@@ -55,6 +56,10 @@ class FusedHead:
         self.onednn = onednn
 
     def run(self, keep: int, **inputs: Any) -> tuple[Any, torch.Tensor]:
+        embedding = self.body.get_input_embeddings()
+        embeds = embedding_in_place(embedding, inputs["input_ids"])
+        if embeds is not None:
+            inputs = {**inputs, "input_ids": None, "inputs_embeds": embeds}
         out = self.body(**inputs)
         return out.cache, out.last_hidden_state[:, -keep:]
 
@@ -113,6 +118,7 @@ class _TargetLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.temperature = temperature
         ctx.onednn = onednn
+        ctx.in_place = in_place_for(weight)
         return out
 
     @staticmethod
@@ -132,7 +138,12 @@ class _TargetLogprobs(torch.autograd.Function):
                 d_logits /= ctx.temperature
             if d_hidden is not None:
                 d_hidden[part] = onednn_linear(d_logits, weight.t()) if ctx.onednn else d_logits @ weight
-            if want_weight:
+            if want_weight and ctx.in_place:
+                if ctx.onednn:
+                    add_tensor(weight, matmul(d_logits.t(), hidden[part]))
+                else:
+                    add_product(weight, d_logits.t(), hidden[part])
+            elif want_weight:
                 part_weight = (
                     matmul(d_logits.t(), hidden[part]) if ctx.onednn else d_logits.t() @ hidden[part]
                 )

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from incentive.grad_in_place import gradients_in_place
 from incentive.lm_head import FusedHead, LogitsHead, head_for
 
 # One more forward pass costs about this many padded tokens: on the benchmark workload (16 completions of
@@ -147,8 +148,21 @@ def backward_target_logprobs(
     next bucket's forward, so only one bucket's activations are alive at a time. The context runs first without
     gradient; the gradient reaching its KV cache is summed over the buckets in a fixed order, and at the end the
     context runs again with gradient and the sum goes back through it (one more context forward, and the
-    context's activations are never alive together with a bucket's).
+    context's activations are never alive together with a bucket's). The vocabulary-sized weight gradients go
+    straight into ``.grad`` (:mod:`incentive.grad_in_place`).
     """
+    with gradients_in_place():
+        return _backward_target_logprobs(model, contexts, targets, indices, loss_of, temperature)
+
+
+def _backward_target_logprobs(
+    model: PreTrainedModel,
+    contexts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    indices: Sequence[int],
+    loss_of: Callable[[list[int], list[torch.Tensor]], torch.Tensor],
+    temperature: float,
+) -> float:
     unique = {tuple(contexts[i]) for i in indices}
     if len(unique) == len(indices):
         logps = _whole_row_logprobs(model, contexts, targets, indices, temperature)

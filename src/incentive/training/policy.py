@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from incentive.config import ModelConfig
 from incentive.models import load_model
+from incentive.models.lora_linear import fuse_lora
 
 
 def build_policy(cfg: ModelConfig) -> PreTrainedModel:
@@ -28,7 +29,9 @@ def build_policy(cfg: ModelConfig) -> PreTrainedModel:
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    policy = get_peft_model(model, lora)
+    fuse_lora(policy)
+    return policy
 
 
 def is_lora(model: PreTrainedModel) -> bool:

@@ -10,6 +10,7 @@ import torch
 
 from incentive.data.example import Example
 from incentive.engines.base import Engine, SamplingParams
+from incentive.engines.decode_step import DecodeStep
 from incentive.engines.kv import preallocate
 from incentive.logprobs import left_padded
 from incentive.rollout.types import Completion
@@ -91,6 +92,7 @@ class CachedEngine(Engine):
         once; row r stops at an end token, at ``stop_text`` (kept), or after ``limits[r]`` tokens (default
         ``params.max_new_tokens``)."""
         ids, mask, positions = left_padded(list(contexts))
+        step = DecodeStep.for_model(self.model)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
@@ -128,12 +130,15 @@ class CachedEngine(Engine):
                 cache.batch_select_indices(keep.nonzero().squeeze(-1))
                 rows, new, mask, next_pos = rows[keep], new[keep], mask[keep], next_pos[keep]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            logits = self.model(
-                input_ids=new[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                cache=cache,
-                use_cache=True,
-            ).logits[:, -1]
+            if step is not None:
+                logits = step(new, next_pos, mask, cache)
+            else:
+                logits = self.model(
+                    input_ids=new[:, None],
+                    attention_mask=mask,
+                    position_ids=next_pos[:, None],
+                    cache=cache,
+                    use_cache=True,
+                ).logits[:, -1]
             next_pos = next_pos + 1
         return [Turn(t, lp, e) for t, lp, e in zip(tokens, logprobs, ended, strict=True)]

@@ -1,0 +1,56 @@
+"""The lean decode step gives the model's own logits, bit for bit, and is used only where it can."""
+
+import torch
+
+from incentive.engines.decode_step import DecodeStep
+from incentive.engines.kv import preallocate
+from incentive.logprobs import left_padded
+
+
+def _prefilled(model, contexts):
+    ids, mask, positions = left_padded(contexts)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    rows = torch.arange(len(contexts))
+    return preallocate(out.cache, rows, 4), mask, torch.tensor([len(c) for c in contexts])
+
+
+@torch.no_grad()
+def test_decode_step_logits_equal_the_model_forward_over_several_steps(tiny):
+    """Left padding (contexts of 5, 9 and 9 tokens) and three steps in a row, each on its own cache."""
+    model = tiny[0]
+    step = DecodeStep.for_model(model)
+    assert step is not None
+    contexts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [19, 20, 21, 22, 23, 24, 25, 26, 27]]
+    ours, mask, positions = _prefilled(model, contexts)
+    theirs, _, _ = _prefilled(model, contexts)
+    tokens = torch.tensor([30, 31, 32])
+    for _ in range(3):
+        mask = torch.cat([mask, mask.new_ones(len(contexts), 1)], dim=1)
+        got = step(tokens, positions, mask, ours)
+        want = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            cache=theirs,
+            use_cache=True,
+        ).logits[:, -1]
+        assert torch.equal(got, want)
+        tokens, positions = got.argmax(-1), positions + 1
+
+
+def test_decode_step_is_only_for_plain_full_attention_models(tiny):
+    model = tiny[0]
+    assert DecodeStep.for_model(model) is not None
+    config = model.config
+    original = config._attn_implementation
+    try:
+        config._attn_implementation = "eager"
+        assert DecodeStep.for_model(model) is None, "eager attention rounds differently: the model's forward"
+    finally:
+        config._attn_implementation = original
+    config.sliding_window = 4
+    try:
+        assert DecodeStep.for_model(model) is None, "a sliding window masks what the step would not"
+    finally:
+        del config.sliding_window
+    assert DecodeStep.for_model(torch.nn.Linear(2, 2)) is None

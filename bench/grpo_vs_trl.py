@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/grpo_vs_trl.py                 # full fine-tune and LoRA r=16, alternating tools
     .venv/bin/python bench/grpo_vs_trl.py --variants full --steps 4 --reps 2
+    .venv/bin/python bench/grpo_vs_trl.py --sampling-dtype bfloat16   # CPUs with AMX: incentive samples in bf16
 
 Workload: the embedded SmolLM2-135M, 4 prompts x 4 completions per step, <= 64 new tokens, fp32 on the CPU, a
 reward whose values vary within every group (closeness of the completion's length to 120 characters), so both
@@ -11,6 +12,9 @@ The first step of every run is warm-up and is left out of the medians. A generat
 16 (the same prompts, 4 samples each) pits incentive's engine against plain HF ``generate``. Writes
 bench/results/grpo_vs_trl.json and .md with ratios (TRL / incentive for time and memory, incentive / TRL for
 throughput) and utilisation: model FLOPs per second over the best fp32 matmul rate measured here.
+With ``--sampling-dtype bfloat16`` incentive samples from a bf16 copy of the policy (``generation.sampling_dtype``)
+and HF ``generate`` runs a bf16 model; TRL's trainer samples with its fp32 training model as always. Those results
+go to grpo_vs_trl_bfloat16.{json,md}.
 """
 
 from __future__ import annotations
@@ -172,7 +176,7 @@ def run_trl(variant: str, steps: int, out: Path) -> None:
     )
 
 
-def run_incentive(variant: str, steps: int, out: Path) -> None:
+def run_incentive(variant: str, steps: int, out: Path, sampling_dtype: str) -> None:
     from incentive.config import Recipe
     from incentive.rewards.base import REWARDS, Reward, RewardResult
     from incentive.run import Run
@@ -193,6 +197,7 @@ def run_incentive(variant: str, steps: int, out: Path) -> None:
                 "num_generations": GENERATIONS,
                 "prompts_per_step": PROMPTS,
                 "max_new_tokens": NEW_TOKENS,
+                "sampling_dtype": sampling_dtype,
             },
             "rewards": [{"name": "bench-length"}],
             "optim": {"lr": 1e-6},
@@ -216,22 +221,25 @@ def run_incentive(variant: str, steps: int, out: Path) -> None:
     )
 
 
-def run_generation(tool: str, rounds: int, out: Path) -> None:
+def run_generation(tool: str, rounds: int, out: Path, sampling_dtype: str) -> None:
     """Sampling only: ``rounds`` batches of the workload (4 prompts x 4 samples, <= 64 new tokens) through
-    incentive's engine (its own loading) or plain HF ``generate`` (the model as transformers loads it)."""
+    incentive's engine (its own loading) or plain HF ``generate`` (the model as transformers loads it), both
+    sampling in ``sampling_dtype``."""
     import torch
 
     from incentive.config import TemplateConfig
     from incentive.engines import ENGINES, SamplingParams
+    from incentive.engines.cached import CachedEngine
     from incentive.models import load_model, load_tokenizer
     from incentive.run import build_template
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer("embedded")
+    dtype = getattr(torch, sampling_dtype)
     engine = (
-        ENGINES.get("cached")(load_model("embedded"), tokenizer)
+        CachedEngine(load_model("embedded"), tokenizer, sampling_dtype=dtype)
         if tool == "incentive"
-        else ENGINES.get("hf")(load_model("embedded", onednn=False), tokenizer)
+        else ENGINES.get("hf")(load_model("embedded", dtype=dtype, onednn=False), tokenizer)
     )
     workload = examples(PROMPTS * rounds)
     template = build_template(TemplateConfig())
@@ -247,11 +255,13 @@ def run_generation(tool: str, rounds: int, out: Path) -> None:
     out.write_text(json.dumps({"generate_s": seconds, "gen_tokens": tokens}))
 
 
-def child(tool: str, variant: str, steps: int, out: Path) -> None:
+def child(tool: str, variant: str, steps: int, out: Path, sampling_dtype: str) -> None:
     if variant == "generation":
-        run_generation(tool, steps, out)
+        run_generation(tool, steps, out, sampling_dtype)
+    elif tool == "trl":
+        run_trl(variant, steps, out)
     else:
-        (run_trl if tool == "trl" else run_incentive)(variant, steps, out)
+        run_incentive(variant, steps, out, sampling_dtype)
     data = json.loads(out.read_text())
     data["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     out.write_text(json.dumps(data))
@@ -350,12 +360,18 @@ def main() -> None:
         "--reps", type=int, default=3, help="runs per tool and variant, alternating (1 for a quick look)"
     )
     parser.add_argument(
+        "--sampling-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: incentive samples from a bf16 copy (needs AMX), HF generate runs in bf16",
+    )
+    parser.add_argument(
         "--child", nargs=4, metavar=("TOOL", "VARIANT", "STEPS", "OUT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.child:
         tool, variant, steps, out = args.child
-        child(tool, variant, int(steps), Path(out))
+        child(tool, variant, int(steps), Path(out), args.sampling_dtype)
         return
     rates = matmul_gflops()
     rate = max(rates.values())
@@ -372,6 +388,7 @@ def main() -> None:
             "max_new_tokens": NEW_TOKENS,
             "steps": args.steps,
             "reps": args.reps,
+            "sampling_dtype": args.sampling_dtype,
         },
         "variants": {},
     }
@@ -386,7 +403,10 @@ def main() -> None:
                     name = baseline if tool == "trl" else tool
                     progress.start(f"{variant}: {name}, repetition {rep + 1}/{args.reps}")
                     subprocess.run(
-                        [sys.executable, __file__, "--child", tool, variant, str(args.steps), str(out)],
+                        [
+                            *(sys.executable, __file__, "--sampling-dtype", args.sampling_dtype),
+                            *("--child", tool, variant, str(args.steps), str(out)),
+                        ],
                         check=True,
                         cwd=ROOT,
                     )
@@ -401,9 +421,10 @@ def main() -> None:
             }
     target = ROOT / "bench" / "results"
     target.mkdir(parents=True, exist_ok=True)
-    (target / "grpo_vs_trl.json").write_text(json.dumps(results, indent=2))
+    name = "grpo_vs_trl" if args.sampling_dtype == "float32" else f"grpo_vs_trl_{args.sampling_dtype}"
+    (target / f"{name}.json").write_text(json.dumps(results, indent=2))
     markdown = table(results)
-    (target / "grpo_vs_trl.md").write_text(markdown)
+    (target / f"{name}.md").write_text(markdown)
     print(markdown)
 
 

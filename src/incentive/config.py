@@ -69,15 +69,30 @@ class GenerationConfig(Strict):
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    sampling_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="cached engine: bfloat16 samples from a bf16 copy of the policy, reloaded after each update: "
+        "decoding ~1.5x faster on CPUs with AMX (refused on others), from rounded weights (training still "
+        "scores in fp32)",
+    )
     vllm: VLLMConfig = VLLMConfig()
 
     @model_validator(mode="after")
     def _engine_usable(self) -> GenerationConfig:
-        """Refuse the vLLM engine at load time, before any model is loaded, where it cannot run."""
+        """Refuse, at load time and before any model is loaded, an engine or sampling dtype that cannot run."""
         if self.engine == "vllm":
             from incentive.engines.vllm import require_vllm
 
             require_vllm()
+        if self.sampling_dtype == "bfloat16":
+            if self.engine != "cached":
+                raise ValueError(
+                    "generation.sampling_dtype: bfloat16 is for the cached engine "
+                    "(vLLM has its own: generation.vllm.dtype)"
+                )
+            from incentive.engines.low_precision import require_bf16_units
+
+            require_bf16_units()
         return self
 
 

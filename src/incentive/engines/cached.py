@@ -5,15 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.data.example import Example
 from incentive.engines.base import Engine, SamplingParams
 from incentive.engines.decode_step import DecodeStep
 from incentive.engines.kv import preallocate
+from incentive.engines.low_precision import LowPrecisionCopy
 from incentive.logprobs import left_padded
 from incentive.rollout.types import Completion
+
+if TYPE_CHECKING:
+    from incentive.config import GenerationConfig
 
 
 def sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +61,33 @@ class Turn:
 
 
 class CachedEngine(Engine):
-    """Same interface as :class:`HFEngine`; faster on CPU for groups of samples."""
+    """Same interface as :class:`HFEngine`; faster on CPU for groups of samples. With ``sampling_dtype``
+    bfloat16 it samples from a bf16 copy of the policy (see :mod:`incentive.engines.low_precision`)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 64,
+        sampling_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(model, tokenizer, batch_size)
+        self.low_precision = LowPrecisionCopy(sampling_dtype) if sampling_dtype != torch.float32 else None
+
+    @classmethod
+    def build(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        generation: GenerationConfig,
+    ) -> CachedEngine:
+        return cls(model, tokenizer, batch_size, getattr(torch, generation.sampling_dtype))
+
+    def weights_changed(self) -> None:
+        """A bf16 copy is reloaded from the policy before the next rollout."""
+        if self.low_precision is not None:
+            self.low_precision.mark_stale()
 
     def _chunk(
         self,
@@ -91,9 +123,10 @@ class CachedEngine(Engine):
         """``params.n`` continuations of each token context (row k·n + j is sample j of context k), each prefilled
         once; row r stops at an end token, at ``stop_text`` (kept), or after ``limits[r]`` tokens (default
         ``params.max_new_tokens``)."""
+        model = self.model if self.low_precision is None else self.low_precision.model_for(self.model)
         ids, mask, positions = left_padded(list(contexts))
-        step = DecodeStep.for_model(self.model)
-        out = self.model(
+        step = DecodeStep.for_model(model)
+        out = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         owner = torch.arange(len(contexts)).repeat_interleave(params.n)
@@ -133,7 +166,7 @@ class CachedEngine(Engine):
             if step is not None:
                 logits = step(new, next_pos, mask, cache)
             else:
-                logits = self.model(
+                logits = model(
                     input_ids=new[:, None],
                     attention_mask=mask,
                     position_ids=next_pos[:, None],

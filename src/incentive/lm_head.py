@@ -56,8 +56,8 @@ class FusedHead:
         self.onednn = onednn
 
     def run(self, keep: int, **inputs: Any) -> tuple[Any, torch.Tensor]:
-        embedding = self.body.get_input_embeddings()
-        embeds = embedding_in_place(embedding, inputs["input_ids"])
+        ids = inputs.get("input_ids")
+        embeds = None if ids is None else embedding_in_place(self.body.get_input_embeddings(), ids)
         if embeds is not None:
             inputs = {**inputs, "input_ids": None, "inputs_embeds": embeds}
         out = self.body(**inputs)

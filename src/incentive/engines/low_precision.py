@@ -1,7 +1,7 @@
 """Sampling from a bfloat16 copy of the policy, where the CPU has bf16 matrix units (Intel AMX).
 
-Decoding 16 rows is a chain of small products whose cost is the weights they stream: in fp32 the embedded
-model's linear layers take ~50 ms per step on a 2-core Sapphire Rapids VM, in bf16 ~28 ms. The copy is the
+Decoding 16 rows is a chain of small-row products, which MKL runs far below the CPU's peak in fp32: the
+embedded model's linear layers take ~50 ms per step on a 2-core Sapphire Rapids VM, ~28 ms in bf16. The copy is the
 policy's architecture in bf16 (a LoRA policy's adapter merged in), loaded from the live weights before the
 first rollout and again after each update (``Engine.weights_changed``). Completions then come from rounded
 weights: the trainer still scores them with the fp32 policy, as verl and OpenRLHF score bf16 vLLM rollouts.

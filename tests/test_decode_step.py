@@ -1,9 +1,12 @@
-"""The lean decode step gives the model's own logits, bit for bit, and is used only where it can."""
+"""The lean decode step gives the model's own logits (bit for bit with the small-row kernel off, to fp32
+rounding with it) and is used only where it can."""
 
+import pytest
 import torch
 
-from incentive.engines.decode_step import DecodeStep
+from incentive.engines.decode_step import DecodeStep, plain_linear
 from incentive.engines.kv import preallocate
+from incentive.kernels import small_rows
 from incentive.logprobs import left_padded
 
 
@@ -15,8 +18,13 @@ def _prefilled(model, contexts):
 
 
 @torch.no_grad()
-def test_decode_step_logits_equal_the_model_forward_over_several_steps(tiny):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_decode_step_logits_equal_the_model_forward_over_several_steps(tiny, kernel, monkeypatch):
     """Left padding (contexts of 5, 9 and 9 tokens) and three steps in a row, each on its own cache."""
+    if kernel and small_rows.small_rows_op() is None:
+        pytest.skip(f"kernel unavailable: {small_rows.unavailable_reason()}")
+    if not kernel:
+        monkeypatch.setattr(small_rows, "small_rows_op", lambda: None)
     model = tiny[0]
     step = DecodeStep.for_model(model)
     assert step is not None
@@ -34,7 +42,10 @@ def test_decode_step_logits_equal_the_model_forward_over_several_steps(tiny):
             cache=theirs,
             use_cache=True,
         ).logits[:, -1]
-        assert torch.equal(got, want)
+        if kernel:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, want)
         tokens, positions = got.argmax(-1), positions + 1
 
 
@@ -54,3 +65,20 @@ def test_decode_step_is_only_for_plain_full_attention_models(tiny):
     finally:
         del config.sliding_window
     assert DecodeStep.for_model(torch.nn.Linear(2, 2)) is None
+
+
+def test_products_go_to_the_kernel_only_where_one_linear_computes_the_output(tiny):
+    """Plain layers and LoRA layers with the adapter merged or switched off; an active adapter runs peft."""
+    from peft import LoraConfig, get_peft_model
+
+    from incentive.models import load_model
+
+    assert plain_linear(tiny[0].model.layers[0].self_attn.q_proj) is tiny[0].model.layers[0].self_attn.q_proj
+    assert plain_linear(torch.nn.LayerNorm(4)) is None
+    policy = get_peft_model(load_model("tiny-random"), LoraConfig(r=2, target_modules=["q_proj"]))
+    layer = policy.base_model.model.model.layers[0].self_attn.q_proj
+    assert plain_linear(layer) is None, "active adapter: its product must be added"
+    with policy.disable_adapter():
+        assert plain_linear(layer) is layer.get_base_layer()
+    layer.merge()
+    assert plain_linear(layer) is layer.get_base_layer()

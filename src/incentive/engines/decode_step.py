@@ -6,7 +6,12 @@ generic API; without that, a rollout of the benchmark batch (16 rows, <= 64 step
 5-6 % faster (4.8-5.0 -> 4.5-4.7 s on a 2-core Xeon). This step calls the same modules (norms,
 projections, MLP, rotary embedding and ``apply_rotary_pos_emb`` of the model's own module) in the same order,
 and runs attention with ``scaled_dot_product_attention`` on the key/value heads as the Hugging Face SDPA path
-does for one query token, so its logits are the model's own (tested bit-equal).
+does for one query token, so its logits are the model's own (tested bit-equal with the kernel off).
+
+Its plain ``nn.Linear`` products (LoRA layers count while their adapter is merged or switched off, as in
+sampling) go through :func:`incentive.kernels.small_rows.linear`, which at decode row counts reads each weight
+once instead of MKL's pack-then-multiply; logits then agree with the model's forward to fp32 rounding. Layers
+on oneDNN (AMD CPUs) and any other module are called as they are.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from incentive.engines.kv import PreallocatedLayer
+from incentive.kernels import small_rows
 
 _MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 _ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
@@ -36,7 +42,11 @@ class DecodeStep:
         self.heads = base.config.num_attention_heads
         self.kv_heads = base.config.num_key_value_heads
         self.head_dim = attention.head_dim
-        self.rotary: Callable[..., Any] = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.rotate_half: Callable[[torch.Tensor], torch.Tensor] = sys.modules[
+            type(attention).__module__
+        ].rotate_half
+        self.layers = [_Layer(layer) for layer in self.body.layers]
+        self.project_head = Projections(self.head)
 
     @classmethod
     def for_model(cls, model: PreTrainedModel) -> DecodeStep | None:
@@ -69,25 +79,88 @@ class DecodeStep:
         rows = tokens.shape[0]
         hidden = self.body.embed_tokens(tokens[:, None])
         cos, sin = self.body.rotary_emb(hidden, positions[:, None])
+        cos, sin = cos[:, None], sin[:, None]
+        rotated = (self.heads + self.kv_heads) * self.head_dim
         allowed = mask.bool()[:, None, None, :]
-        for layer, kv in zip(self.body.layers, cache.layers, strict=True):
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
             if not isinstance(kv, PreallocatedLayer):
                 raise TypeError("the decode step writes into a preallocated cache (engines.kv.preallocate)")
-            attention = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attention.q_proj(x).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.rotary(q, k, cos, sin)
+            x = layer.input_norm(hidden)
+            qkv = layer.qkv(x)
+            qk = qkv[..., :rotated].view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            qk = qk * cos + self.rotate_half(qk) * sin
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            v = qkv[..., rotated:].view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             keys, values = kv.update(k, v)
             grouped = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
             out = F.scaled_dot_product_attention(
-                grouped, keys, values, attn_mask=allowed, scale=attention.scaling
+                grouped, keys, values, attn_mask=allowed, scale=layer.scaling
             )
             out = out.reshape(rows, self.heads, 1, self.head_dim).transpose(1, 2).reshape(rows, 1, -1)
-            hidden = hidden + attention.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.head(self.body.norm(hidden))[:, -1]
+            hidden = hidden + layer.o(out)
+            hidden = hidden + layer.mlp(layer.post_norm(hidden))
+        return self.project_head(self.body.norm(hidden))[:, -1]
+
+
+class Projections:
+    """Linear layers applied to the same input, their outputs concatenated, as the decode step calls them: one
+    call of the small-row kernel when each is a plain ``nn.Linear`` (or a LoRA layer whose adapter is merged or
+    switched off), else the modules themselves. Weights are read at each call: sampling from a LoRA policy
+    swaps merged ones in."""
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        self.modules = modules
+        plain = [plain_linear(m) for m in modules]
+        self.plain = plain if all(p is not None for p in plain) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain is None:
+            outs = [m(x) for m in self.modules]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+        return small_rows.linear_cat(x, [p.weight for p in self.plain], [p.bias for p in self.plain])
+
+
+def plain_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
+    """The ``nn.Linear`` that computes ``module``'s output on its own, if there is one: the module itself, or
+    the base layer of a peft LoRA layer whose adapter is merged or switched off."""
+    if hasattr(module, "get_base_layer") and hasattr(module, "disable_adapters"):
+        if not (module.disable_adapters or getattr(module, "merged", False)):
+            return None
+        module = module.get_base_layer()
+    return module if type(module) is torch.nn.Linear else None
+
+
+class _Layer:
+    """One decoder layer's parts in the order the step calls them."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        attention = layer.self_attn
+        self.input_norm = layer.input_layernorm
+        self.post_norm = layer.post_attention_layernorm
+        self.scaling = attention.scaling
+        self.qkv = Projections(attention.q_proj, attention.k_proj, attention.v_proj)
+        self.o = Projections(attention.o_proj)
+        self.mlp = _GatedMLP.for_module(layer.mlp) or layer.mlp
+
+
+class _GatedMLP:
+    """``down(act(gate(x)) * up(x))``, the MLP of Llama, Mistral and Qwen2, with its projections as
+    :class:`Projections`."""
+
+    def __init__(self, mlp: torch.nn.Module) -> None:
+        self.gate_up = Projections(mlp.gate_proj, mlp.up_proj)
+        self.down = Projections(mlp.down_proj)
+        self.act = mlp.act_fn
+
+    @classmethod
+    def for_module(cls, mlp: torch.nn.Module) -> _GatedMLP | None:
+        parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
+        known = type(mlp).__name__ in {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+        return cls(mlp) if known and all(hasattr(mlp, p) for p in parts) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, -1)
+        return self.down(self.act(gate) * up)
 
 
 def _base(model: PreTrainedModel) -> Any:

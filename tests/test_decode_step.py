@@ -6,7 +6,7 @@ import torch
 
 from incentive.engines.decode_step import DecodeStep, plain_linear
 from incentive.engines.kv import preallocate
-from incentive.kernels import small_rows
+from incentive.kernels import build
 from incentive.logprobs import left_padded
 
 
@@ -21,10 +21,10 @@ def _prefilled(model, contexts):
 @pytest.mark.parametrize("kernel", [False, True])
 def test_decode_step_logits_equal_the_model_forward_over_several_steps(tiny, kernel, monkeypatch):
     """Left padding (contexts of 5, 9 and 9 tokens) and three steps in a row, each on its own cache."""
-    if kernel and small_rows.small_rows_op() is None:
-        pytest.skip(f"kernel unavailable: {small_rows.unavailable_reason()}")
+    if kernel and build.kernel_ops() is None:
+        pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
     if not kernel:
-        monkeypatch.setattr(small_rows, "small_rows_op", lambda: None)
+        monkeypatch.setattr(build, "kernel_ops", lambda: None)
     model = tiny[0]
     step = DecodeStep.for_model(model)
     assert step is not None

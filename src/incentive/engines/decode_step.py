@@ -3,15 +3,15 @@
 Through the Hugging Face forward each decode step also builds a causal mask from the 2-D attention mask,
 routes keyword arguments through every layer and the attention interface, and updates the cache through its
 generic API; without that, a rollout of the benchmark batch (16 rows, <= 64 steps) on the embedded model is
-5-6 % faster (4.8-5.0 -> 4.5-4.7 s on a 2-core Xeon). This step calls the same modules (norms,
-projections, MLP, rotary embedding and ``apply_rotary_pos_emb`` of the model's own module) in the same order,
-and runs attention with ``scaled_dot_product_attention`` on the key/value heads as the Hugging Face SDPA path
-does for one query token, so its logits are the model's own (tested bit-equal with the kernel off).
+5-6 % faster (4.8-5.0 -> 4.5-4.7 s on a 2-core Xeon). This step calls the same modules (norms, embedding,
+rotary embedding, activation) in the same order and the same arithmetic as transformers' SDPA path for one
+query token: with the kernels off its logits are the model's own, bit for bit (tested).
 
-Its plain ``nn.Linear`` products (LoRA layers count while their adapter is merged or switched off, as in
-sampling) go through :func:`incentive.kernels.small_rows.linear`, which at decode row counts reads each weight
-once instead of MKL's pack-then-multiply; logits then agree with the model's forward to fp32 rounding. Layers
-on oneDNN (AMD CPUs) and any other module are called as they are.
+Where the kernels of :mod:`incentive.kernels` are built, the plain ``nn.Linear`` products (LoRA layers count
+while their adapter is merged or switched off, as in sampling) go through
+:func:`incentive.kernels.small_rows.linear_cat`, each weight read once instead of MKL's pack-then-multiply, and
+attention through :func:`incentive.kernels.decode_attention.attend`; logits then agree with the model's
+forward to fp32 rounding. Layers on oneDNN (AMD CPUs) and any other module are called as they are.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from incentive.engines.kv import PreallocatedLayer
-from incentive.kernels import small_rows
+from incentive.kernels import decode_attention, small_rows
 
 _MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 _ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
@@ -81,7 +80,7 @@ class DecodeStep:
         cos, sin = self.body.rotary_emb(hidden, positions[:, None])
         cos, sin = cos[:, None], sin[:, None]
         rotated = (self.heads + self.kv_heads) * self.head_dim
-        allowed = mask.bool()[:, None, None, :]
+        allowed = mask.bool()
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             if not isinstance(kv, PreallocatedLayer):
                 raise TypeError("the decode step writes into a preallocated cache (engines.kv.preallocate)")
@@ -92,11 +91,7 @@ class DecodeStep:
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = qkv[..., rotated:].view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             keys, values = kv.update(k, v)
-            grouped = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-            out = F.scaled_dot_product_attention(
-                grouped, keys, values, attn_mask=allowed, scale=layer.scaling
-            )
-            out = out.reshape(rows, self.heads, 1, self.head_dim).transpose(1, 2).reshape(rows, 1, -1)
+            out = decode_attention.attend(q, keys, values, allowed, layer.scaling)
             hidden = hidden + layer.o(out)
             hidden = hidden + layer.mlp(layer.post_norm(hidden))
         return self.project_head(self.body.norm(hidden))[:, -1]

@@ -1,0 +1,188 @@
+// Attention of one new query token per row over its cached keys and values (decode steps), AVX-512.
+//
+// One task per (row, key/value head) computes the G = heads / kv_heads queries that share the head, reading
+// each key and value once for all of them: scaled dot products with every allowed key, an exact softmax (max
+// subtracted, vectorised exp), and the weighted sum of the values. Disallowed positions get weight 0. Every sum runs in a fixed order: the result does not
+// depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kAhead = 8;  // positions ahead whose key and value rows are prefetched (pages end streams)
+
+// e^x for x <= 0 (scores minus their maximum): 2^n e^r with n = round(x log2 e), |r| <= ln 2 / 2, and a
+// degree-7 Taylor polynomial for e^r (relative error < 2e-7 on that interval).
+__attribute__((target("avx512f"))) __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f"))) __mmask16 lanes(int64_t count) {
+  return count >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// out[g, 0:dim] = softmax(scale * q[g] . K^T over allowed positions) . V for the G queries q[0:G] (rows of
+// dim floats) that share one key/value head: each key and value row is read once for all G.
+template <int64_t G>
+__attribute__((target("avx512f"))) void attend_group(const float* q, const float* keys, const float* values,
+                                                     int64_t key_stride, int64_t value_stride,
+                                                     const bool* allowed, int64_t length, int64_t dim,
+                                                     float scale, float* weights, float* out) {
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  float top[G];
+  for (int64_t g = 0; g < G; ++g) top[g] = minus_inf;
+  for (int64_t l = 0; l < length; ++l) {
+    if (!allowed[l]) {
+      for (int64_t g = 0; g < G; ++g) weights[g * length + l] = minus_inf;
+      continue;
+    }
+    const float* k = keys + l * key_stride;
+    if (l + kAhead < length)
+      for (int64_t d = 0; d < dim; d += kLanes)
+        _mm_prefetch(reinterpret_cast<const char*>(k + kAhead * key_stride + d), _MM_HINT_T0);
+    __m512 acc[G];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += kLanes) {
+      const __mmask16 m = lanes(dim - d);
+      const __m512 kv = _mm512_maskz_loadu_ps(m, k + d);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * dim + d), kv, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float score = _mm512_reduce_add_ps(acc[g]) * scale;
+      weights[g * length + l] = score;
+      top[g] = std::max(top[g], score);
+    }
+  }
+  float inverse[G];
+  for (int64_t g = 0; g < G; ++g) {
+    float* w = weights + g * length;
+    if (top[g] == minus_inf) {  // nothing allowed: zeros (SDPA would give NaN)
+      for (int64_t l = 0; l < length; ++l) w[l] = 0.0f;
+      inverse[g] = 0.0f;
+      continue;
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t l = 0; l < length; l += kLanes) {
+      const __mmask16 m = lanes(length - l);
+      const __m512 s = _mm512_maskz_loadu_ps(m, w + l);
+      const __mmask16 live = _mm512_mask_cmp_ps_mask(m, s, _mm512_set1_ps(minus_inf), _CMP_NEQ_OQ);
+      const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top[g]))));
+      _mm512_mask_storeu_ps(w + l, m, p);
+      total = _mm512_add_ps(total, p);
+    }
+    inverse[g] = 1.0f / _mm512_reduce_add_ps(total);
+  }
+  for (int64_t d = 0; d < dim; d += kLanes) {
+    const __mmask16 m = lanes(dim - d);
+    __m512 acc[G];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < length; ++l) {
+      if (d == 0 && l + kAhead < length)
+        for (int64_t e = 0; e < dim; e += kLanes)
+          _mm_prefetch(reinterpret_cast<const char*>(values + (l + kAhead) * value_stride + e), _MM_HINT_T0);
+      if (!allowed[l]) continue;
+      const __m512 vv = _mm512_maskz_loadu_ps(m, values + l * value_stride + d);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(weights[g * length + l]), vv, acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g)
+      _mm512_mask_storeu_ps(out + g * dim + d, m, _mm512_mul_ps(acc[g], _mm512_set1_ps(inverse[g])));
+  }
+}
+
+// The G queries of one key/value head; groups of up to 8 in one pass over the keys and values.
+void attend_head(const float* q, const float* keys, const float* values, int64_t key_stride,
+                 int64_t value_stride, const bool* allowed, int64_t length, int64_t dim, float scale,
+                 int64_t group, float* weights, float* out) {
+  int64_t g = 0;
+  for (; g + 8 <= group; g += 8)
+    attend_group<8>(q + g * dim, keys, values, key_stride, value_stride, allowed, length, dim, scale, weights,
+                    out + g * dim);
+  const float* qg = q + g * dim;
+  float* og = out + g * dim;
+  switch (group - g) {
+#define INCENTIVE_GROUP(n)                                                                                   \
+  case n:                                                                                                    \
+    attend_group<n>(qg, keys, values, key_stride, value_stride, allowed, length, dim, scale, weights, og); \
+    break;
+    INCENTIVE_GROUP(7)
+    INCENTIVE_GROUP(6)
+    INCENTIVE_GROUP(5)
+    INCENTIVE_GROUP(4)
+    INCENTIVE_GROUP(3)
+    INCENTIVE_GROUP(2)
+    INCENTIVE_GROUP(1)
+#undef INCENTIVE_GROUP
+    default:
+      break;
+  }
+}
+
+// q [rows, heads, dim]; keys, values [rows, kv_heads, length, dim] (any strides, unit stride along dim);
+// allowed [rows, length] bool -> [rows, heads, dim].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& allowed, double scale) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "decode_attention: q [rows, heads, dim] and keys, values [rows, kv_heads, length, dim] expected");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
+                  values.scalar_type() == at::kFloat && q.device().is_cpu() && keys.device().is_cpu() &&
+                  values.device().is_cpu(),
+              "decode_attention: float32 CPU tensors only");
+  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = keys.size(1), length = keys.size(2);
+  TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0,
+              "decode_attention: shapes of q and keys do not match");
+  TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.dim() == 2 && allowed.size(0) == rows &&
+                  allowed.size(1) == length,
+              "decode_attention: allowed must be a [rows, length] bool tensor");
+  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "decode_attention: the CPU has no AVX-512");
+  const at::Tensor qc = q.contiguous();
+  const at::Tensor kc = keys.stride(3) == 1 ? keys : keys.contiguous();
+  const at::Tensor vc = values.stride(3) == 1 ? values : values.contiguous();
+  const at::Tensor mask = allowed.contiguous();
+  at::Tensor out = at::empty({rows, heads, dim}, qc.options());
+  const int64_t group = heads / kv_heads;
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(static_cast<size_t>(8 * length));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / kv_heads, head = task % kv_heads;
+      const float* k = kp + row * kc.stride(0) + head * kc.stride(1);
+      const float* v = vp + row * vc.stride(0) + head * vc.stride(1);
+      const int64_t first = row * heads + head * group;
+      attend_head(qp + first * dim, k, v, kc.stride(2), vc.stride(2), mp + row * length, length, dim,
+                  static_cast<float>(scale), group, weights.data(), op + first * dim);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(incentive_kernels, lib) {
+  lib.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor allowed, float scale) -> Tensor",
+          &decode_attention);
+}

@@ -1,0 +1,214 @@
+"""The decode kernels: the numbers of F.linear and SDPA to fp32 rounding, hand-computed cases, determinism,
+and a clean fallback where they cannot be built."""
+
+import logging
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from incentive.kernels import build, decode_attention, small_rows
+
+needs_kernel = pytest.mark.skipif(
+    build.unavailable_reason() is not None, reason=f"kernels unavailable: {build.unavailable_reason()}"
+)
+
+
+def op(name):
+    return getattr(build.kernel_ops(), name)
+
+
+@needs_kernel
+def test_hand_computed_product():
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 2.0]])
+    weight = torch.tensor([[1.0, 0.0, 1.0], [0.5, 0.5, 0.5], [2.0, 0.0, 0.0]])
+    got = op("small_rows_linear")(x, [weight])
+    assert torch.equal(got, torch.tensor([[4.0, 3.0, 2.0], [2.0, 0.5, 0.0]]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 32])
+@pytest.mark.parametrize(("out", "inner"), [(33, 70), (3, 5), (64, 576), (8, 1536)])
+def test_matches_a_float64_product(rows, out, inner):
+    """Tiles of 6 rows and their remainders, groups of 4 weight rows and the last partial group, K with and
+    without a tail shorter than 16 lanes."""
+    generator = torch.Generator().manual_seed(rows * 1000 + out)
+    x = torch.randn(rows, inner, generator=generator)
+    weight = torch.randn(out, inner, generator=generator)
+    exact = x.double() @ weight.double().t()
+    got = op("small_rows_linear")(x, [weight])
+    assert got.shape == (rows, out) and got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() <= 1e-5 * inner**0.5 * (1 + exact.abs().max())
+
+
+@needs_kernel
+def test_linear_takes_bias_batches_and_views():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 40, generator=generator)[:, 1:]
+    weight = torch.randn(24, 40, generator=generator)
+    bias = torch.randn(24, generator=generator)
+    torch.testing.assert_close(small_rows.linear(x, weight, bias), F.linear(x, weight, bias))
+    torch.testing.assert_close(small_rows.linear(x, weight.t().contiguous().t()), F.linear(x, weight))
+
+
+@needs_kernel
+def test_several_weights_in_one_call_equal_their_own_products():
+    """Parts of 9, 4 and 7 rows: groups of four rows never straddle two weights."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1, 48, generator=generator)
+    weights = [torch.randn(rows, 48, generator=generator) for rows in (9, 4, 7)]
+    biases = [torch.randn(9, generator=generator), None, torch.randn(7, generator=generator)]
+    got = small_rows.linear_cat(x, weights, biases)
+    assert got.shape == (5, 1, 20)
+    for g, w, b in zip(got.split([9, 4, 7], -1), weights, biases, strict=True):
+        assert torch.equal(g, small_rows.linear(x, w, b))
+        torch.testing.assert_close(g, F.linear(x, w, b))
+
+
+@needs_kernel
+def test_deterministic_and_independent_of_the_thread_count():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 576, generator=generator)
+    weight = torch.randn(1536, 576, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op("small_rows_linear")(x, [weight])
+        torch.set_num_threads(2)
+        two = op("small_rows_linear")(x, [weight])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(two, op("small_rows_linear")(x, [weight]))
+
+
+@needs_kernel
+def test_rejects_what_it_does_not_compute():
+    linear = op("small_rows_linear")
+    with pytest.raises(RuntimeError, match="2-D float32 CPU tensor"):
+        linear(torch.ones(2, 3, dtype=torch.float64), [torch.ones(4, 3)])
+    with pytest.raises(RuntimeError, match="float32 CPU weights only"):
+        linear(torch.ones(2, 3), [torch.ones(4, 3, dtype=torch.float64)])
+    with pytest.raises(RuntimeError, match=r"x \[M, K\] and weights \[N, K\]"):
+        linear(torch.ones(2, 3), [torch.ones(4, 3), torch.ones(4, 5)])
+    with pytest.raises(RuntimeError, match="no weights"):
+        linear(torch.ones(2, 3), [])
+    assert linear(torch.ones(0, 3), [torch.ones(4, 3)]).shape == (0, 4)
+
+
+def test_many_rows_and_other_dtypes_go_to_f_linear():
+    """Bit-equal to F.linear where the kernel does not run: above MAX_ROWS rows, bf16, no rows."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(8, 16, generator=generator)
+    many = torch.randn(small_rows.MAX_ROWS + 1, 16, generator=generator)
+    assert torch.equal(small_rows.linear(many, weight), F.linear(many, weight))
+    low = many[:4].bfloat16()
+    assert torch.equal(small_rows.linear(low, weight.bfloat16()), F.linear(low, weight.bfloat16()))
+    assert small_rows.linear(many[:0], weight).shape == (0, 8)
+
+
+def test_unavailable_reasons(monkeypatch):
+    monkeypatch.setenv("INCENTIVE_KERNELS", "0")
+    assert build.unavailable_reason() == "INCENTIVE_KERNELS=0"
+    monkeypatch.delenv("INCENTIVE_KERNELS")
+    monkeypatch.setattr(build.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "no AVX-512" in build.unavailable_reason()
+    monkeypatch.setattr(build.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    if build.sys.platform.startswith("linux") and build.platform.machine() == "x86_64":
+        assert "no C++ compiler" in build.unavailable_reason()
+
+
+def test_a_failed_compile_falls_back_with_a_warning(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("Error building extension 'incentive_small_rows'\nc++: fatal error: killed")
+
+    monkeypatch.setattr(build, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(build, "_build", broken)
+    build.kernel_ops.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=build.__name__):
+            assert build.kernel_ops() is None
+        assert "c++: fatal error: killed" in caplog.text and "incentive/kernels" in caplog.text
+        x, weights = torch.randn(2, 8), [torch.randn(3, 8), torch.randn(2, 8)]
+        assert torch.equal(small_rows.linear(x, weights[0]), F.linear(x, weights[0]))
+        want = torch.cat([F.linear(x, w) for w in weights], -1)
+        assert torch.equal(small_rows.linear_cat(x, weights, [None, None]), want)
+        q, keys = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8)
+        allowed = torch.ones(2, 5, dtype=torch.bool)
+        want = sdpa(q, keys, keys, allowed, 0.5)
+        torch.testing.assert_close(decode_attention.attend(q, keys, keys, allowed, 0.5), want)
+    finally:
+        build.kernel_ops.cache_clear()
+
+
+def sdpa(q, keys, values, allowed, scale):
+    """The reference: SDPA with the key/value heads repeated for their query heads, as [rows, 1, heads*dim]."""
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None, None, :], scale=scale)
+    return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
+
+
+@needs_kernel
+def test_attention_hand_computed():
+    """One row, one head, keys [1, 0] and [0, 1] with values 10 and 20; the query [ln 3, 0] scores ln 3 and 0:
+    weights 3/4 and 1/4, output 12.5. With the first key disallowed: 20."""
+    q = torch.tensor([[[[math.log(3.0), 0.0]]]])
+    keys = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    values = torch.tensor([[[[10.0, 0.0], [20.0, 1.0]]]])
+    both = decode_attention.attend(q, keys, values, torch.tensor([[True, True]]), 1.0)
+    torch.testing.assert_close(both, torch.tensor([[[12.5, 0.25]]]), rtol=1e-6, atol=1e-6)
+    second = decode_attention.attend(q, keys, values, torch.tensor([[False, True]]), 1.0)
+    assert torch.equal(second, torch.tensor([[[20.0, 1.0]]]))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "length"), [(9, 3, 64, 150), (4, 2, 16, 7), (2, 2, 20, 33)]
+)
+def test_attention_matches_sdpa_on_cache_views(heads, kv_heads, dim, length):
+    """Grouped heads, a head dim with a tail shorter than 16 lanes, keys and values as views of a larger
+    preallocated cache, left padding (disallowed leading positions) of different lengths per row."""
+    generator = torch.Generator().manual_seed(heads * 100 + length)
+    rows = 5
+    q = torch.randn(rows, heads, 1, dim, generator=generator)
+    cache = torch.randn(2, rows, kv_heads, length + 9, dim, generator=generator)
+    keys, values = cache[0, :, :, :length], cache[1, :, :, :length]
+    allowed = torch.ones(rows, length, dtype=torch.bool)
+    for row in range(rows):
+        allowed[row, : min(row * 2, length - 1)] = False
+    got = decode_attention.attend(q, keys, values, allowed, dim**-0.5)
+    torch.testing.assert_close(got, sdpa(q, keys, values, allowed, dim**-0.5), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_attention_is_deterministic_across_thread_counts():
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(16, 9, 1, 64, generator=generator)
+    keys, values = torch.randn(2, 16, 3, 140, 64, generator=generator)
+    allowed = torch.rand(16, 140, generator=generator) > 0.1
+    allowed[:, -1] = True
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_attention.attend(q, keys, values, allowed, 0.125)
+        torch.set_num_threads(2)
+        two = decode_attention.attend(q, keys, values, allowed, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_attention_rejects_mismatched_shapes():
+    attention = op("decode_attention")
+    with pytest.raises(RuntimeError, match=r"\[rows, length\] bool"):
+        attention(
+            torch.ones(2, 4, 8), torch.ones(2, 2, 5, 8), torch.ones(2, 2, 5, 8), torch.ones(2, 4).bool(), 1.0
+        )
+    with pytest.raises(RuntimeError, match="do not match"):
+        attention(
+            torch.ones(2, 3, 8), torch.ones(2, 2, 5, 8), torch.ones(2, 2, 5, 8), torch.ones(2, 5).bool(), 1.0
+        )

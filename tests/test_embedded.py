@@ -5,6 +5,7 @@ import torch
 
 from incentive.data import Example
 from incentive.models import load_model, load_tokenizer
+from incentive.models.fused_mlp import use_fused_swiglu
 from incentive.models.loading import GGUF_NAME, _gguf_path
 from incentive.models.onednn import OneDNNLinear, use_onednn
 from incentive.rewards.base import RewardContext
@@ -27,8 +28,10 @@ def test_converted_model_equals_gguf_model(embedded):
     original = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=GGUF_NAME, dtype=torch.float32
     )
+    # the same kernels as the loaded model, so that equal weights give equal logits
+    use_fused_swiglu(original)
     if any(isinstance(m, OneDNNLinear) for m in model.modules()):
-        use_onednn(original)  # the same kernels as the loaded model, so equal weights give equal logits
+        use_onednn(original)
     ids = tokenizer("12 + 7 = ", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, original(ids).logits)

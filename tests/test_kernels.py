@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from incentive.kernels import build, decode_attention, small_rows
+from incentive.kernels.swiglu import swiglu
 
 needs_kernel = pytest.mark.skipif(
     build.unavailable_reason() is not None, reason=f"kernels unavailable: {build.unavailable_reason()}"
@@ -212,3 +213,50 @@ def test_attention_rejects_mismatched_shapes():
         attention(
             torch.ones(2, 3, 8), torch.ones(2, 2, 5, 8), torch.ones(2, 2, 5, 8), torch.ones(2, 5).bool(), 1.0
         )
+
+
+@needs_kernel
+def test_swiglu_hand_computed():
+    """silu(0) = 0, silu(ln 3) = ln 3 * 3/4; gradients at g = 0: d/dg = u/2, d/du = 0."""
+    gate = torch.tensor([0.0, math.log(3.0)], requires_grad=True)
+    up = torch.tensor([2.0, 4.0], requires_grad=True)
+    out = swiglu(gate, up)
+    torch.testing.assert_close(out, torch.tensor([0.0, 3.0 * math.log(3.0)]), rtol=1e-6, atol=1e-7)
+    out.sum().backward()
+    assert gate.grad[0] == pytest.approx(1.0, abs=1e-7) and up.grad[0] == 0.0
+    assert up.grad[1] == pytest.approx(0.75 * math.log(3.0), rel=1e-6)
+
+
+@needs_kernel
+def test_swiglu_matches_pytorch_values_and_gradients():
+    """Large positive and negative gates (exp must not overflow), a tail shorter than 16 lanes, several threads."""
+    generator = torch.Generator().manual_seed(7)
+    gate = (torch.randn(37, 101, generator=generator) * 8).requires_grad_()
+    up = torch.randn(37, 101, generator=generator).requires_grad_()
+    grad = torch.randn(37, 101, generator=generator)
+    got = swiglu(gate, up)
+    (got * grad).sum().backward()
+    ours = gate.grad.clone(), up.grad.clone()
+    gate.grad, up.grad = None, None
+    want = F.silu(gate) * up
+    (want * grad).sum().backward()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(ours[0], gate.grad, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(ours[1], up.grad, rtol=2e-6, atol=1e-6)
+    assert torch.isfinite(swiglu(torch.tensor([-200.0, 200.0]), torch.ones(2))).all()
+
+
+def test_swiglu_falls_back_for_other_dtypes():
+    gate, up = torch.randn(3, 5).bfloat16(), torch.randn(3, 5).bfloat16()
+    assert torch.equal(swiglu(gate, up), F.silu(gate) * up)
+
+
+def test_fused_mlp_switches_the_embedded_families_only(tiny):
+    from incentive.models.fused_mlp import is_gated_silu_mlp
+
+    mlp = tiny[0].model.layers[0].mlp
+    assert type(mlp).__name__ == "FusedLlamaMLP" and is_gated_silu_mlp(mlp)
+    x = torch.randn(2, 3, tiny[0].config.hidden_size)
+    want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-6)
+    assert not is_gated_silu_mlp(torch.nn.Linear(2, 2))

@@ -25,6 +25,8 @@ from transformers import PreTrainedModel
 
 from incentive.engines.kv import PreallocatedLayer
 from incentive.kernels import decode_attention, small_rows
+from incentive.kernels.swiglu import swiglu
+from incentive.models.fused_mlp import is_gated_silu_mlp
 
 _MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 _ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
@@ -139,23 +141,20 @@ class _Layer:
 
 
 class _GatedMLP:
-    """``down(act(gate(x)) * up(x))``, the MLP of Llama, Mistral and Qwen2, with its projections as
-    :class:`Projections`."""
+    """``down(silu(gate(x)) * up(x))``, the MLP of Llama, Mistral and Qwen2, with its projections as
+    :class:`Projections` and the activation through :func:`incentive.kernels.swiglu.swiglu`."""
 
     def __init__(self, mlp: torch.nn.Module) -> None:
         self.gate_up = Projections(mlp.gate_proj, mlp.up_proj)
         self.down = Projections(mlp.down_proj)
-        self.act = mlp.act_fn
 
     @classmethod
     def for_module(cls, mlp: torch.nn.Module) -> _GatedMLP | None:
-        parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
-        known = type(mlp).__name__ in {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
-        return cls(mlp) if known and all(hasattr(mlp, p) for p in parts) else None
+        return cls(mlp) if is_gated_silu_mlp(mlp) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, -1)
-        return self.down(self.act(gate) * up)
+        return self.down(swiglu(gate, up))
 
 
 def _base(model: PreTrainedModel) -> Any:

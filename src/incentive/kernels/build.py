@@ -24,7 +24,9 @@ from incentive.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("small_rows.cpp"), Path(__file__).with_name("decode_attention.cpp"))
+FOLDER = Path(__file__).parent
+SOURCES = tuple(FOLDER / name for name in ("small_rows.cpp", "decode_attention.cpp", "swiglu.cpp"))
+HEADERS = (FOLDER / "vector_math.h",)
 
 
 def unavailable_reason() -> str | None:
@@ -52,7 +54,7 @@ def kernel_ops() -> Any | None:
         return _build()
     except Exception as exc:  # a failed compile must not stop sampling: the PyTorch path still works
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        log.warning("decode steps run on PyTorch ops: compiling %s failed: %s", SOURCES[0].parent, lines[-1])
+        log.warning("decode steps run on PyTorch ops: compiling %s failed: %s", FOLDER, lines[-1])
         return None
 
 
@@ -63,7 +65,7 @@ def _build() -> Any:
 
     if hasattr(torch.ops.incentive_kernels, "small_rows_linear"):
         return torch.ops.incentive_kernels
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + torch.__version__.encode())
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + torch.__version__.encode())
     tag = digest.hexdigest()[:12]
     folder = cache_dir() / "kernels" / tag
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 //
 // One task per (row, key/value head) computes the G = heads / kv_heads queries that share the head, reading
 // each key and value once for all of them: scaled dot products with every allowed key, an exact softmax (max
-// subtracted, vectorised exp), and the weighted sum of the values. Disallowed positions get weight 0. Every sum runs in a fixed order: the result does not
-// depend on the thread count.
+// subtracted, vectorised exp), and the weighted sum of the values. Disallowed positions get weight 0. Every
+// sum runs in a fixed order: the result does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -13,33 +13,12 @@
 #include <limits>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kAhead = 8;  // positions ahead whose key and value rows are prefetched (pages end streams)
-
-// e^x for x <= 0 (scores minus their maximum): 2^n e^r with n = round(x log2 e), |r| <= ln 2 / 2, and a
-// degree-7 Taylor polynomial for e^r (relative error < 2e-7 on that interval).
-__attribute__((target("avx512f"))) __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-__attribute__((target("avx512f"))) __mmask16 lanes(int64_t count) {
-  return count >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
-}
 
 // out[g, 0:dim] = softmax(scale * q[g] . K^T over allowed positions) . V for the G queries q[0:G] (rows of
 // dim floats) that share one key/value head: each key and value row is read once for all G.
@@ -63,9 +42,10 @@ __attribute__((target("avx512f"))) void attend_group(const float* q, const float
     __m512 acc[G];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d += kLanes) {
-      const __mmask16 m = lanes(dim - d);
+      const __mmask16 m = incentive::lanes(dim - d);
       const __m512 kv = _mm512_maskz_loadu_ps(m, k + d);
-      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * dim + d), kv, acc[g]);
+      for (int64_t g = 0; g < G; ++g)
+        acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * dim + d), kv, acc[g]);
     }
     for (int64_t g = 0; g < G; ++g) {
       const float score = _mm512_reduce_add_ps(acc[g]) * scale;
@@ -83,17 +63,18 @@ __attribute__((target("avx512f"))) void attend_group(const float* q, const float
     }
     __m512 total = _mm512_setzero_ps();
     for (int64_t l = 0; l < length; l += kLanes) {
-      const __mmask16 m = lanes(length - l);
+      const __mmask16 m = incentive::lanes(length - l);
       const __m512 s = _mm512_maskz_loadu_ps(m, w + l);
       const __mmask16 live = _mm512_mask_cmp_ps_mask(m, s, _mm512_set1_ps(minus_inf), _CMP_NEQ_OQ);
-      const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top[g]))));
+      const __m512 e = incentive::exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top[g])));
+      const __m512 p = _mm512_maskz_mov_ps(live, e);
       _mm512_mask_storeu_ps(w + l, m, p);
       total = _mm512_add_ps(total, p);
     }
     inverse[g] = 1.0f / _mm512_reduce_add_ps(total);
   }
   for (int64_t d = 0; d < dim; d += kLanes) {
-    const __mmask16 m = lanes(dim - d);
+    const __mmask16 m = incentive::lanes(dim - d);
     __m512 acc[G];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
     for (int64_t l = 0; l < length; ++l) {
@@ -102,7 +83,8 @@ __attribute__((target("avx512f"))) void attend_group(const float* q, const float
           _mm_prefetch(reinterpret_cast<const char*>(values + (l + kAhead) * value_stride + e), _MM_HINT_T0);
       if (!allowed[l]) continue;
       const __m512 vv = _mm512_maskz_loadu_ps(m, values + l * value_stride + d);
-      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(weights[g * length + l]), vv, acc[g]);
+      for (int64_t g = 0; g < G; ++g)
+        acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(weights[g * length + l]), vv, acc[g]);
     }
     for (int64_t g = 0; g < G; ++g)
       _mm512_mask_storeu_ps(out + g * dim + d, m, _mm512_mul_ps(acc[g], _mm512_set1_ps(inverse[g])));
@@ -142,7 +124,8 @@ void attend_head(const float* q, const float* keys, const float* values, int64_t
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                             const at::Tensor& allowed, double scale) {
   TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
-              "decode_attention: q [rows, heads, dim] and keys, values [rows, kv_heads, length, dim] expected");
+              "decode_attention: q [rows, heads, dim] and keys, values [rows, kv_heads, length, dim] "
+              "expected");
   TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
                   values.scalar_type() == at::kFloat && q.device().is_cpu() && keys.device().is_cpu() &&
                   values.device().is_cpu(),

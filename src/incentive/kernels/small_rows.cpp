@@ -1,15 +1,17 @@
-// y = x W^T for a few rows of x (decode steps): AVX-512, W read once, in the row-major layout nn.Linear keeps.
+// y = x W^T for a few rows of x (decode steps), AVX-512: W read once, in the row-major layout of nn.Linear.
 //
 // Each thread walks a contiguous range of W's rows (one sequential stream), four rows at a time, and asks for
-// the group two ahead into L2 while it computes. Each group of four rows stays in L1 while every row of x (six
-// at a time) is multiplied with it. Sums run in 16-lane partial sums over K and are reduced at the end in a
-// fixed order: the result does not depend on the thread count.
+// the group two ahead into L2 while it computes. Each group of four rows stays in L1 while every row of x
+// (six at a time) is multiplied with it. Sums run in 16-lane partial sums over K and are reduced at the end
+// in a fixed order: the result does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <vector>
+
+#include "vector_math.h"
 
 namespace {
 
@@ -38,7 +40,7 @@ __attribute__((target("avx512f"))) void tile(const float* x, const float* w, int
     }
   }
   if (i < k) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (k - i)) - 1u);
+    const __mmask16 tail = incentive::lanes(k - i);
     __m512 wv[Cols];
     for (int64_t c = 0; c < Cols; ++c) wv[c] = _mm512_maskz_loadu_ps(tail, w + c * k + i);
     for (int64_t r = 0; r < Rows; ++r) {
@@ -117,7 +119,8 @@ at::Tensor small_rows_linear(const at::Tensor& x, at::TensorList weights) {
         const float* ahead = next + kGroupRows <= part.rows ? wp + next * k : nullptr;
         group<kGroupRows>(xp, m, wp + row * k, k, yb, columns, ahead);
       } else {
-        for (int64_t c = row; c < part.rows; ++c) group<1>(xp, m, wp + c * k, k, yb + (c - row), columns, nullptr);
+        for (int64_t c = row; c < part.rows; ++c)
+          group<1>(xp, m, wp + c * k, k, yb + (c - row), columns, nullptr);
       }
     }
   });

@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from incentive.models.fused_mlp import use_fused_swiglu
 from incentive.models.fused_norm import use_fused_rms_norm
 from incentive.models.onednn import onednn_preferred, use_onednn
 from incentive.paths import cache_dir
@@ -155,6 +156,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, onednn: bool | Non
         log.warning("%s declares quantization_config; training may be refused by transformers", path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     use_fused_rms_norm(model)
+    use_fused_swiglu(model)
     if onednn_preferred() if onednn is None else onednn:
         use_onednn(model)
     return model

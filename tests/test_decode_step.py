@@ -1,5 +1,5 @@
-"""The lean decode step gives the model's own logits (bit for bit with the small-row kernel off, to fp32
-rounding with it) and is used only where it can."""
+"""The lean decode step gives the model's own logits (bit for bit with the kernels off, to fp32 rounding with
+them) and is used only where it can."""
 
 import pytest
 import torch

@@ -119,6 +119,8 @@ def test_unavailable_reasons(monkeypatch):
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
     if build.sys.platform.startswith("linux") and build.platform.machine() == "x86_64":
         assert "no C++ compiler" in build.unavailable_reason()
+        monkeypatch.setattr(build.shutil, "which", lambda name: None if name == "ninja" else "/usr/bin/c++")
+        assert "no ninja" in build.unavailable_reason()
 
 
 def test_a_failed_compile_falls_back_with_a_warning(monkeypatch, caplog):

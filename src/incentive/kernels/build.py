@@ -1,9 +1,10 @@
 """Compiling and loading the kernels of this package (``*.cpp`` here, one library, ops under
 ``torch.ops.incentive_kernels``).
 
-They are compiled with the system's C++ compiler on first use (~15 s, once per machine, source and torch
-version) into the incentive cache. Where that cannot happen (no AVX-512, no compiler, not Linux on x86-64), or
-with ``INCENTIVE_KERNELS=0``, :func:`kernel_ops` is None and every caller takes its PyTorch path instead.
+They are compiled with the system's C++ compiler and ninja on first use (~15 s, once per machine, source and
+torch version) into the incentive cache. Where that cannot happen (no AVX-512, no compiler or ninja, not Linux
+on x86-64), or with ``INCENTIVE_KERNELS=0``, :func:`kernel_ops` is None and every caller takes its PyTorch path
+instead. A compile that fails where it could run is logged as a warning (and fails the kernel tests).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def unavailable_reason() -> str | None:
         return f"the CPU has no AVX-512 (torch reports {capability})"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler on PATH (set CXX or install g++)"
+    if shutil.which("ninja") is None:
+        return "no ninja on PATH, which torch builds extensions with (apt-get install ninja-build)"
     return None
 
 
@@ -48,13 +51,13 @@ def kernel_ops() -> Any | None:
     """``torch.ops.incentive_kernels`` with the ops built, or None (the reason logged once)."""
     reason = unavailable_reason()
     if reason is not None:
-        log.info("decode steps run on PyTorch ops: %s", reason)
+        log.info("incentive kernels off, PyTorch ops instead: %s", reason)
         return None
     try:
         return _build()
     except Exception as exc:  # a failed compile must not stop sampling: the PyTorch path still works
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        log.warning("decode steps run on PyTorch ops: compiling %s failed: %s", FOLDER, lines[-1])
+        log.warning("incentive kernels off, PyTorch ops instead: compiling %s failed: %s", FOLDER, lines[-1])
         return None
 
 
@@ -69,6 +72,8 @@ def _build() -> Any:
     tag = digest.hexdigest()[:12]
     folder = cache_dir() / "kernels" / tag
     folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.glob("*.so")):
+        log.info("compiling the incentive kernels into %s (once per machine, ~15 s)", folder)
     load(
         name=f"incentive_kernels_{tag}",
         sources=[str(s) for s in SOURCES],

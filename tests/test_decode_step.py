@@ -82,3 +82,37 @@ def test_products_go_to_the_kernel_only_where_one_linear_computes_the_output(tin
         assert plain_linear(layer) is layer.get_base_layer()
     layer.merge()
     assert plain_linear(layer) is layer.get_base_layer()
+
+
+@torch.no_grad()
+def test_decode_step_of_a_lora_policy_samples_from_the_merged_weights():
+    """Inside ``merged_lora`` the step's products read the merged weights (kernel or not), so its logits are
+    those of the policy with its adapter active."""
+    from peft import LoraConfig, get_peft_model
+
+    from incentive.engines.merged import merged_lora
+    from incentive.models import load_model
+
+    torch.manual_seed(0)
+    policy = get_peft_model(
+        load_model("tiny-random"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"])
+    )
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    policy.eval()
+    contexts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
+    ours, mask, positions = _prefilled(policy, contexts)
+    theirs, _, _ = _prefilled(policy, contexts)
+    tokens = torch.tensor([30, 31])
+    mask = torch.cat([mask, mask.new_ones(len(contexts), 1)], dim=1)
+    want = policy(
+        input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], cache=theirs
+    ).logits[:, -1]
+    with merged_lora(policy):
+        got = DecodeStep.for_model(policy)(tokens, positions, mask, ours)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with policy.disable_adapter():
+        plain, _, _ = _prefilled(policy, contexts)
+        base = DecodeStep.for_model(policy)(tokens, positions, mask, plain)
+    assert not torch.allclose(got, base, atol=1e-3), "the adapter must matter"

@@ -38,7 +38,6 @@ class DecodeStep:
     def __init__(self, model: PreTrainedModel) -> None:
         base = _base(model)
         self.body = base.model
-        self.head = base.lm_head
         attention = self.body.layers[0].self_attn
         self.heads = base.config.num_attention_heads
         self.kv_heads = base.config.num_key_value_heads
@@ -47,7 +46,7 @@ class DecodeStep:
             type(attention).__module__
         ].rotate_half
         self.layers = [_Layer(layer) for layer in self.body.layers]
-        self.project_head = Projections(self.head)
+        self.project_head = Projections(base.lm_head)
 
     @classmethod
     def for_model(cls, model: PreTrainedModel) -> DecodeStep | None:

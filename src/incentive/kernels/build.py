@@ -84,3 +84,11 @@ def _build() -> Any:
         verbose=False,
     )
     return torch.ops.incentive_kernels
+
+
+def ops_for(*tensors: torch.Tensor) -> Any | None:
+    """The kernel ops where they are built and every tensor is fp32 on the CPU (what they compute), else None."""
+    ops = kernel_ops()
+    if ops is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    return ops

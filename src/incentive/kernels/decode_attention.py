@@ -24,10 +24,8 @@ def attend(
     in transformers' SDPA path."""
     rows, heads, _, dim = q.shape
     kv_heads = keys.shape[1]
-    ops = build.kernel_ops()
-    if ops is not None and all(
-        t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, keys, values)
-    ):
+    ops = build.ops_for(q, keys, values)
+    if ops is not None:
         return ops.decode_attention(q[:, :, 0], keys, values, allowed, scale).view(rows, 1, heads * dim)
     grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(

@@ -34,9 +34,9 @@ def linear_cat(
     """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)``, as one kernel call (one pass
     over the weights, one parallel region) where the kernel is built and ``x`` has at most :data:`MAX_ROWS`
     rows of fp32 CPU data."""
-    ops = build.kernel_ops()
+    ops = build.ops_for(x, *weights)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if ops is None or not 0 < rows <= MAX_ROWS or not all(_fp32_cpu(t) for t in (x, *weights)):
+    if ops is None or not 0 < rows <= MAX_ROWS:
         outs = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
     out = ops.small_rows_linear(x.reshape(rows, x.shape[-1]), list(weights))
@@ -47,7 +47,3 @@ def linear_cat(
             )
         )
     return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _fp32_cpu(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu"

@@ -33,8 +33,7 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up``, through the kernel where it applies."""
-    ops = build.kernel_ops()
-    fp32_cpu = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (gate, up))
-    if ops is None or not fp32_cpu or gate.shape != up.shape:
+    ops = build.ops_for(gate, up)
+    if ops is None or gate.shape != up.shape:
         return F.silu(gate) * up
     return _SwiGLU.apply(gate, up, ops)

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from incentive.kernels import build, decode_attention, small_rows
+from incentive.kernels.log_softmax import log_softmax_backward_, target_log_softmax
 from incentive.kernels.swiglu import swiglu
 
 needs_kernel = pytest.mark.skipif(
@@ -262,3 +263,78 @@ def test_fused_mlp_switches_the_embedded_families_only(tiny):
     want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
     torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-6)
     assert not is_gated_silu_mlp(torch.nn.Linear(2, 2))
+
+
+@needs_kernel
+def test_log_softmax_hand_computed():
+    """Logits [0, ln 3]: log-sum-exp ln 4, logprobs ln 1/4 and ln 3/4. At scale 2 (temperature 1/2) the scaled
+    logits are [0, ln 9]: ln 10. The gradient of g · logp[token 1] is g · s · ([0, 1] - softmax): s = 1,
+    g = 2 gives [-1/2, 1/2]."""
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])
+    logp, lse = target_log_softmax(logits, torch.tensor([0, 1]))
+    torch.testing.assert_close(lse, torch.full((2,), math.log(4.0)))
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.25), math.log(0.75)]))
+    logp, lse = target_log_softmax(logits, torch.tensor([0, 1]), 2.0)
+    torch.testing.assert_close(lse, torch.full((2,), math.log(10.0)))
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.1), math.log(0.9)]))
+    logp, lse = target_log_softmax(logits, torch.tensor([1, 1]))
+    d = log_softmax_backward_(logits.clone(), lse, torch.tensor([1, 1]), torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(d, torch.tensor([[-0.5, 0.5], [0.0, 0.0]]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocabulary", [1, 15, 16, 17, 64, 65, 300, 49152])
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.7])
+def test_log_softmax_matches_pytorch_values_and_gradients(vocabulary, scale):
+    """Vector tails, the unrolled loop of 64 and its remainder, a full vocabulary; logits spread over ±60 so
+    most exponentials underflow."""
+    generator = torch.Generator().manual_seed(vocabulary)
+    logits = torch.randn(7, vocabulary, generator=generator) * 20
+    tokens = torch.randint(0, vocabulary, (7,), generator=generator)
+    grad = torch.randn(7, generator=generator)
+    leaf = logits.clone().requires_grad_()
+    want = torch.log_softmax(leaf * scale, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    (want * grad).sum().backward()
+    logp, lse = target_log_softmax(logits, tokens, scale)
+    torch.testing.assert_close(logp, want.detach(), rtol=2e-6, atol=2e-5)
+    torch.testing.assert_close(lse, (logits * scale).logsumexp(-1), rtol=2e-6, atol=2e-5)
+    d = logits.clone()
+    assert log_softmax_backward_(d, lse, tokens, grad, scale) is d
+    torch.testing.assert_close(d, leaf.grad, rtol=2e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_log_softmax_paths_agree_and_are_deterministic(monkeypatch):
+    """The PyTorch fallback gives the kernel's numbers to rounding; the kernel's are the same on 1 and 2 threads."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, 1000, generator=generator) * 5
+    tokens = torch.randint(0, 1000, (9,), generator=generator)
+    grad = torch.randn(9, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = target_log_softmax(logits, tokens, 1.5)
+        torch.set_num_threads(2)
+        two = target_log_softmax(logits, tokens, 1.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    d_kernel = log_softmax_backward_(logits.clone(), two[1], tokens, grad, 1.5)
+    monkeypatch.setattr(build, "ops_for", lambda *tensors: None)
+    fallback = target_log_softmax(logits, tokens, 1.5)
+    for a, b in zip(fallback, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(log_softmax_backward_(logits.clone(), two[1], tokens, grad, 1.5), d_kernel)
+
+
+@needs_kernel
+def test_log_softmax_rejects_what_it_does_not_compute():
+    forward = op("target_log_softmax")
+    with pytest.raises(RuntimeError, match="token 5 of row 1 is outside the vocabulary of 5"):
+        forward(torch.zeros(2, 5), torch.tensor([0, 5]), 1.0)
+    with pytest.raises(RuntimeError, match="one int64 token per row"):
+        forward(torch.zeros(2, 5), torch.tensor([0]), 1.0)
+    with pytest.raises(RuntimeError, match="must be positive"):
+        forward(torch.zeros(2, 5), torch.tensor([0, 1]), 0.0)
+    with pytest.raises(RuntimeError, match="float32 CPU logits only"):
+        forward(torch.zeros(2, 5, dtype=torch.float64), torch.tensor([0, 1]), 1.0)

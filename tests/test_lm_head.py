@@ -37,6 +37,22 @@ def test_fused_logprobs_and_gradients_equal_full_log_softmax(monkeypatch, chunk,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [256, 3])
+def test_a_second_backward_pass_makes_the_kept_logits_again(monkeypatch, chunk):
+    """The first backward pass turns the last chunk's kept logits into their gradient in place; a second one
+    (``retain_graph``) must recompute them, not reuse the overwritten tensor."""
+    monkeypatch.setattr(lm_head, "CHUNK_POSITIONS", chunk)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(300, 16, generator=gen, requires_grad=True)
+    tokens = torch.randint(0, 300, (10,), generator=gen)
+    loss = target_logprobs_from_hidden(hidden, weight, tokens, 0.7).sum()
+    first = torch.autograd.grad(loss, [hidden, weight], retain_graph=True)
+    second = torch.autograd.grad(loss, [hidden, weight])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_head_for_fuses_plain_heads_and_falls_back_otherwise():
     from peft import LoraConfig, get_peft_model
 

@@ -1,10 +1,11 @@
 """From a model's positions to log-probabilities of given next tokens.
 
 With a 49k vocabulary the logits are the largest tensors of a training step ([rows, positions, 49152] in fp32,
-plus their log-softmax and both gradients). :class:`FusedHead` never keeps them: it runs the model's body, and
-computes each target token's logprob from the hidden state in chunks of positions, recomputing the logits chunk
-by chunk in the backward pass; padding positions are skipped. Models whose head is more than one linear layer
-(logit soft-capping, scaling, a LoRA-wrapped head) go through :class:`LogitsHead`, the model's own forward.
+plus their log-softmax and both gradients). :class:`FusedHead` never keeps them all: it runs the model's body,
+and computes each target token's logprob from the hidden state in chunks of positions, recomputing the logits
+chunk by chunk in the backward pass (all but the last, which is kept); padding positions are skipped. Models
+whose head is more than one linear layer (logit soft-capping, scaling, a LoRA-wrapped head) go through
+:class:`LogitsHead`, the model's own forward.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from incentive.grad_in_place import add_product, add_tensor, embedding_in_place, in_place_for
+from incentive.kernels.log_softmax import log_softmax_backward_, target_log_softmax
 from incentive.models.onednn import OneDNNLinear, matmul, onednn_linear
 
 # Model types whose logits are exactly lm_head(hidden state).
@@ -99,6 +101,11 @@ def target_logprobs_from_hidden(
 
 
 class _TargetLogprobs(torch.autograd.Function):
+    """Logits chunk by chunk, each reduced to its tokens' logprobs (:mod:`incentive.kernels.log_softmax`). The
+    last chunk's logits are kept for the backward pass, which turns them into their gradient in place; the
+    other chunks are made again there. On the training path a bucket's targets fit one chunk, so its head
+    product runs once each way."""
+
     @staticmethod
     def forward(
         ctx: Any,
@@ -110,12 +117,12 @@ class _TargetLogprobs(torch.autograd.Function):
     ) -> torch.Tensor:
         out = hidden.new_empty(hidden.shape[0])
         lse = hidden.new_empty(hidden.shape[0])
-        for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
-            part = slice(start, start + CHUNK_POSITIONS)
-            logits = _logits(hidden[part], weight, temperature, onednn)
-            lse[part] = logits.logsumexp(-1)
-            out[part] = logits.gather(-1, tokens[part, None]).squeeze(-1) - lse[part]
+        logits = None
+        for part in _chunks(hidden.shape[0]):
+            logits = _logits(hidden[part], weight, onednn)
+            out[part], lse[part] = target_log_softmax(logits, tokens[part], 1.0 / temperature)
         ctx.save_for_backward(hidden, weight, tokens, lse)
+        ctx.kept = logits
         ctx.temperature = temperature
         ctx.onednn = onednn
         ctx.in_place = in_place_for(weight)
@@ -124,18 +131,16 @@ class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, tokens, lse = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None  # overwritten below: a second backward pass makes it again
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         d_hidden = torch.empty_like(hidden) if want_hidden else None
         d_weight: torch.Tensor | None = None
-        for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
-            part = slice(start, start + CHUNK_POSITIONS)
-            g = grad[part]
-            # d logp[token] / d logits = onehot(token) - softmax, times the incoming gradient.
-            d_logits = (_logits(hidden[part], weight, ctx.temperature, ctx.onednn) - lse[part, None]).exp_()
-            d_logits.mul_(-g[:, None])
-            d_logits[torch.arange(len(g), device=g.device), tokens[part]] += g
-            if ctx.temperature != 1.0:
-                d_logits /= ctx.temperature
+        for part in reversed(_chunks(hidden.shape[0])):
+            logits = kept if kept is not None else _logits(hidden[part], weight, ctx.onednn)
+            kept = None
+            d_logits = log_softmax_backward_(
+                logits, lse[part], tokens[part], grad[part], 1.0 / ctx.temperature
+            )
             if d_hidden is not None:
                 d_hidden[part] = onednn_linear(d_logits, weight.t()) if ctx.onednn else d_logits @ weight
             if want_weight and ctx.in_place:
@@ -149,9 +154,13 @@ class _TargetLogprobs(torch.autograd.Function):
                 )
                 # the first chunk's product is the sum so far: no zero-filled [vocab, d] tensor to add it to
                 d_weight = part_weight if d_weight is None else d_weight.add_(part_weight)
+            del logits, d_logits  # freed before the next chunk's logits are made
         return d_hidden, d_weight, None, None, None
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, onednn: bool) -> torch.Tensor:
-    logits = (onednn_linear(hidden, weight) if onednn else F.linear(hidden, weight)).float()
-    return logits / temperature if temperature != 1.0 else logits
+def _chunks(positions: int) -> list[slice]:
+    return [slice(start, start + CHUNK_POSITIONS) for start in range(0, positions, CHUNK_POSITIONS)]
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
+    return (onednn_linear(hidden, weight) if onednn else F.linear(hidden, weight)).float().contiguous()

@@ -26,7 +26,9 @@ from incentive.paths import cache_dir
 log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
-SOURCES = tuple(FOLDER / name for name in ("small_rows.cpp", "decode_attention.cpp", "swiglu.cpp"))
+SOURCES = tuple(
+    FOLDER / name for name in ("small_rows.cpp", "decode_attention.cpp", "swiglu.cpp", "log_softmax.cpp")
+)
 HEADERS = (FOLDER / "vector_math.h",)
 
 

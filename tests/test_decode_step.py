@@ -116,3 +116,55 @@ def test_decode_step_of_a_lora_policy_samples_from_the_merged_weights():
         plain, _, _ = _prefilled(policy, contexts)
         base = DecodeStep.for_model(policy)(tokens, positions, mask, plain)
     assert not torch.allclose(got, base, atol=1e-3), "the adapter must matter"
+
+
+@torch.no_grad()
+def test_one_kernel_per_layer_equals_the_op_by_op_step(tiny):
+    """The fused layer (norms, rotary, cache write, attention, residuals, activation in one op) gives the
+    op-by-op step's logits and cache contents to fp32 rounding, over several steps with left padding."""
+    if build.kernel_ops() is None:
+        pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
+    model = tiny[0]
+    fused, op_by_op = DecodeStep.for_model(model), DecodeStep.for_model(model)
+    assert all(layer.fused is not None for layer in fused.layers)
+    for layer in op_by_op.layers:
+        layer.fused = None
+    contexts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    ours, mask, positions = _prefilled(model, contexts)
+    theirs, _, _ = _prefilled(model, contexts)
+    tokens = torch.tensor([30, 31])
+    for _ in range(4):
+        mask = torch.cat([mask, mask.new_ones(len(contexts), 1)], dim=1)
+        got = fused(tokens, positions, mask, ours)
+        want = op_by_op(tokens, positions, mask, theirs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        tokens, positions = got.argmax(-1), positions + 1
+    for a, b in zip(ours.layers, theirs.layers, strict=True):
+        assert a.length == b.length == 13
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        mask = torch.cat([mask, mask.new_ones(len(contexts), 1)], dim=1)
+        fused(tokens, positions, mask, ours)
+
+
+def test_one_kernel_per_layer_only_where_it_computes_the_same_layer(tiny):
+    """Biased projections (Qwen2's q/k/v), an active LoRA adapter, norms other than RMSNorm: op by op."""
+    from peft import LoraConfig, get_peft_model
+
+    from incentive.engines.decode_step import _FusedLayer
+    from incentive.models import load_model
+
+    model = load_model("tiny-random")
+    layer = model.model.layers[0]
+    assert _FusedLayer.for_layer(layer) is not None
+    attention = layer.self_attn
+    attention.q_proj.bias = torch.nn.Parameter(torch.zeros(attention.q_proj.out_features))
+    assert _FusedLayer.for_layer(layer) is None
+    other = load_model("tiny-random").model.layers[0]
+    other.post_attention_layernorm = torch.nn.LayerNorm(other.post_attention_layernorm.weight.shape)
+    assert _FusedLayer.for_layer(other) is None
+    policy = get_peft_model(load_model("tiny-random"), LoraConfig(r=2, target_modules=["v_proj"]))
+    assert _FusedLayer.for_layer(policy.base_model.model.model.layers[0]) is None
+    with policy.disable_adapter():
+        assert _FusedLayer.for_layer(policy.base_model.model.model.layers[0]) is not None

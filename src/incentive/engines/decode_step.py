@@ -24,9 +24,10 @@ import torch
 from transformers import PreTrainedModel
 
 from incentive.engines.kv import PreallocatedLayer
-from incentive.kernels import decode_attention, small_rows
+from incentive.kernels import build, decode_attention, small_rows
 from incentive.kernels.swiglu import swiglu
 from incentive.models.fused_mlp import is_gated_silu_mlp
+from incentive.models.fused_norm import NORM_CLASSES
 
 _MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 _ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
@@ -82,9 +83,13 @@ class DecodeStep:
         cos, sin = cos[:, None], sin[:, None]
         rotated = (self.heads + self.kv_heads) * self.head_dim
         allowed = mask.bool()
+        ops = build.ops_for(hidden) if rows <= small_rows.MAX_ROWS else None
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             if not isinstance(kv, PreallocatedLayer):
                 raise TypeError("the decode step writes into a preallocated cache (engines.kv.preallocate)")
+            if ops is not None and layer.fused is not None:
+                hidden = layer.fused(ops, hidden, cos, sin, kv, allowed, self.heads, self.kv_heads)
+                continue
             x = layer.input_norm(hidden)
             qkv = layer.qkv(x)
             qk = qkv[..., :rotated].view(rows, 1, -1, self.head_dim).transpose(1, 2)
@@ -137,6 +142,82 @@ class _Layer:
         self.qkv = Projections(attention.q_proj, attention.k_proj, attention.v_proj)
         self.o = Projections(attention.o_proj)
         self.mlp = _GatedMLP.for_module(layer.mlp) or layer.mlp
+        self.fused = _FusedLayer.for_layer(layer)
+
+
+class _FusedLayer:
+    """The whole layer as one kernel call (``kernels/decode_layer.cpp``), for a layer whose projections are plain
+    ``nn.Linear`` without bias (LoRA counts while merged or off), whose norms are RMSNorm and whose MLP is gated
+    SiLU. Called op by op, the ~15 small ops between the products cost ~60 us each inside the decode loop."""
+
+    def __init__(self, layer: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:
+        self.input_norm = layer.input_layernorm
+        self.post_norm = layer.post_attention_layernorm
+        self.eps = float(layer.input_layernorm.variance_epsilon)
+        self.scaling = float(layer.self_attn.scaling)
+        self.linears = linears
+
+    @classmethod
+    def for_layer(cls, layer: torch.nn.Module) -> _FusedLayer | None:
+        attention, mlp = layer.self_attn, layer.mlp
+        if not is_gated_silu_mlp(mlp) or not all(
+            _is_rms_norm(n) for n in (layer.input_layernorm, layer.post_attention_layernorm)
+        ):
+            return None
+        if layer.input_layernorm.variance_epsilon != layer.post_attention_layernorm.variance_epsilon:
+            return None
+        modules = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
+        modules += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        linears = [plain_linear(m) for m in modules]
+        if any(linear is None or linear.bias is not None for linear in linears):
+            return None
+        return cls(layer, [linear for linear in linears if linear is not None])
+
+    def __call__(
+        self,
+        ops: Any,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: PreallocatedLayer,
+        allowed: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+    ) -> torch.Tensor:
+        """The layer's output for ``hidden`` [rows, 1, d]; the new key and value go into ``kv``."""
+        rows, _, d = hidden.shape
+        q, k, v, o, gate, up, down = (linear.weight for linear in self.linears)
+        out = ops.decode_layer(
+            hidden.reshape(rows, d),
+            self.input_norm.weight,
+            self.post_norm.weight,
+            self.eps,
+            [q, k, v],
+            o,
+            [gate, up],
+            down,
+            cos.reshape(rows, -1),
+            sin.reshape(rows, -1),
+            kv.key_buffer,
+            kv.value_buffer,
+            kv.length,
+            allowed,
+            self.scaling,
+            heads,
+            kv_heads,
+        )
+        kv.written(1)
+        return out.view(rows, 1, d)
+
+
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        any(cls.__name__ in NORM_CLASSES for cls in type(module).__mro__)
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == torch.float32
+        and hasattr(module, "variance_epsilon")
+    )
 
 
 class _GatedMLP:

@@ -39,6 +39,15 @@ class PreallocatedLayer(DynamicLayer):
         self._views()
         return self.keys, self.values
 
+    def written(self, positions: int) -> None:
+        """Count ``positions`` new positions that a kernel wrote in place after the cached ones."""
+        if self.length + positions > self.key_buffer.shape[-2]:
+            raise RuntimeError(
+                f"KV cache full: {self.length + positions} positions, capacity {self.key_buffer.shape[-2]}"
+            )
+        self.length += positions
+        self._views()
+
     def get_seq_length(self) -> int:
         return self.length
 

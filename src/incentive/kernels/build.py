@@ -27,9 +27,16 @@ log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
 SOURCES = tuple(
-    FOLDER / name for name in ("small_rows.cpp", "decode_attention.cpp", "swiglu.cpp", "log_softmax.cpp")
+    FOLDER / name
+    for name in (
+        "small_rows.cpp",
+        "decode_attention.cpp",
+        "swiglu.cpp",
+        "log_softmax.cpp",
+        "decode_layer.cpp",
+    )
 )
-HEADERS = (FOLDER / "vector_math.h",)
+HEADERS = (FOLDER / "vector_math.h", FOLDER / "kernels.h")
 
 
 def unavailable_reason() -> str | None:

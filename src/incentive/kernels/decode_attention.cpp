@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "vector_math.h"
 
 namespace {
@@ -119,6 +120,10 @@ void attend_head(const float* q, const float* keys, const float* values, int64_t
   }
 }
 
+}  // namespace
+
+namespace incentive {
+
 // q [rows, heads, dim]; keys, values [rows, kv_heads, length, dim] (any strides, unit stride along dim);
 // allowed [rows, length] bool -> [rows, heads, dim].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
@@ -163,9 +168,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   return out;
 }
 
-}  // namespace
+}  // namespace incentive
 
 TORCH_LIBRARY_FRAGMENT(incentive_kernels, lib) {
   lib.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor allowed, float scale) -> Tensor",
-          &decode_attention);
+          &incentive::decode_attention);
 }

@@ -112,7 +112,8 @@ void log_softmax_backward_(at::Tensor& logits, const at::Tensor& lse, const at::
   const float* gp = g.data_ptr<float>();
   const float s = static_cast<float>(scale);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) row_gradient(xp + i * vocabulary, vocabulary, s, lp[i], gp[i], tp[i]);
+    for (int64_t i = begin; i < end; ++i)
+      row_gradient(xp + i * vocabulary, vocabulary, s, lp[i], gp[i], tp[i]);
   });
 }
 

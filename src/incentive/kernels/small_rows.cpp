@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "kernels.h"
 #include "vector_math.h"
 
 namespace {
@@ -79,6 +80,10 @@ struct Part {
   int64_t first_group;
 };
 
+}  // namespace
+
+namespace incentive {
+
 // [M, N1 + N2 + ...] = x W1^T | x W2^T | ...: one pass over all weights in one parallel region, so that the
 // projections of one input (q, k, v; gate, up) cost one call.
 at::Tensor small_rows_linear(const at::Tensor& x, at::TensorList weights) {
@@ -127,8 +132,8 @@ at::Tensor small_rows_linear(const at::Tensor& x, at::TensorList weights) {
   return y;
 }
 
-}  // namespace
+}  // namespace incentive
 
 TORCH_LIBRARY(incentive_kernels, lib) {
-  lib.def("small_rows_linear(Tensor x, Tensor[] weights) -> Tensor", &small_rows_linear);
+  lib.def("small_rows_linear(Tensor x, Tensor[] weights) -> Tensor", &incentive::small_rows_linear);
 }

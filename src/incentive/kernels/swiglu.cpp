@@ -10,6 +10,7 @@
 
 #include <tuple>
 
+#include "kernels.h"
 #include "vector_math.h"
 
 namespace {
@@ -24,6 +25,24 @@ __attribute__((target("avx512f"))) __m512 sigmoid(__m512 g) {
   return _mm512_mask_mul_ps(inverse, negative, e, inverse);
 }
 
+}  // namespace
+
+namespace incentive {
+
+__attribute__((target("avx512f"))) void swiglu_range(const float* g, const float* u, float* out,
+                                                     int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; i += 16) {
+    const __mmask16 m = incentive::lanes(end - i);
+    const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+    const __m512 uv = _mm512_maskz_loadu_ps(m, u + i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid(gv)), uv));
+  }
+}
+
+}  // namespace incentive
+
+namespace {
+
 void check(const at::Tensor& a, const at::Tensor& b, const char* what) {
   TORCH_CHECK(a.sizes() == b.sizes(), what, ": tensors of different shapes");
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
@@ -32,15 +51,6 @@ void check(const at::Tensor& a, const at::Tensor& b, const char* what) {
   TORCH_CHECK(__builtin_cpu_supports("avx512f"), what, ": the CPU has no AVX-512");
 }
 
-__attribute__((target("avx512f"))) void forward_range(const float* g, const float* u, float* out,
-                                                      int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; i += 16) {
-    const __mmask16 m = incentive::lanes(end - i);
-    const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
-    const __m512 uv = _mm512_maskz_loadu_ps(m, u + i);
-    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid(gv)), uv));
-  }
-}
 
 __attribute__((target("avx512f"))) void backward_range(const float* d, const float* g, const float* u,
                                                        float* dg, float* du, int64_t begin, int64_t end) {
@@ -67,7 +77,7 @@ at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
   const float* upp = u.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, g.numel(), kGrain,
-                   [&](int64_t begin, int64_t end) { forward_range(gp, upp, op, begin, end); });
+                   [&](int64_t begin, int64_t end) { incentive::swiglu_range(gp, upp, op, begin, end); });
   return out;
 }
 

@@ -7,11 +7,13 @@ generic API; without that, a rollout of the benchmark batch (16 rows, <= 64 step
 rotary embedding, activation) in the same order and the same arithmetic as transformers' SDPA path for one
 query token: with the kernels off its logits are the model's own, bit for bit (tested).
 
-Where the kernels of :mod:`incentive.kernels` are built, the plain ``nn.Linear`` products (LoRA layers count
-while their adapter is merged or switched off, as in sampling) go through
-:func:`incentive.kernels.small_rows.linear_cat`, each weight read once instead of MKL's pack-then-multiply, and
-attention through :func:`incentive.kernels.decode_attention.attend`; logits then agree with the model's
-forward to fp32 rounding. Layers on oneDNN (AMD CPUs) and any other module are called as they are.
+Where the kernels of :mod:`incentive.kernels` are built, a layer whose projections are plain bias-free
+``nn.Linear`` (LoRA layers count while their adapter is merged or switched off, as in sampling), whose norms are
+RMSNorm and whose MLP is gated SiLU runs as one op (``kernels/decode_layer.cpp``): op by op, the ~15 small
+ops between its products cost ~20 ms of a step (43-48 against 64-72 ms per step on the benchmark rollout). Other layers run op by op, their plain products through
+:func:`incentive.kernels.small_rows.linear_cat` (each weight read once instead of MKL's pack-then-multiply) and
+attention through :func:`incentive.kernels.decode_attention.attend`. Logits then agree with the model's forward
+to fp32 rounding. Layers on oneDNN (AMD CPUs) and any other module are called as they are.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Compiling and loading the kernels of this package (``*.cpp`` here, one library, ops under
 ``torch.ops.incentive_kernels``).
 
-They are compiled with the system's C++ compiler and ninja on first use (~15 s, once per machine, source and
+They are compiled with the system's C++ compiler and ninja on first use (~30 s, once per machine, source and
 torch version) into the incentive cache. Where that cannot happen (no AVX-512, no compiler or ninja, not Linux
 on x86-64), or with ``INCENTIVE_KERNELS=0``, :func:`kernel_ops` is None and every caller takes its PyTorch path
 instead. A compile that fails where it could run is logged as a warning (and fails the kernel tests).
@@ -82,7 +82,7 @@ def _build() -> Any:
     folder = cache_dir() / "kernels" / tag
     folder.mkdir(parents=True, exist_ok=True)
     if not any(folder.glob("*.so")):
-        log.info("compiling the incentive kernels into %s (once per machine, ~15 s)", folder)
+        log.info("compiling the incentive kernels into %s (once per machine, ~30 s)", folder)
     load(
         name=f"incentive_kernels_{tag}",
         sources=[str(s) for s in SOURCES],

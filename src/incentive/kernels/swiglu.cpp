@@ -51,7 +51,6 @@ void check(const at::Tensor& a, const at::Tensor& b, const char* what) {
   TORCH_CHECK(__builtin_cpu_supports("avx512f"), what, ": the CPU has no AVX-512");
 }
 
-
 __attribute__((target("avx512f"))) void backward_range(const float* d, const float* g, const float* u,
                                                        float* dg, float* du, int64_t begin, int64_t end) {
   const __m512 one = _mm512_set1_ps(1.0f);

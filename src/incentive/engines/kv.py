@@ -30,23 +30,22 @@ class PreallocatedLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new positions in place and return views of everything cached so far."""
-        end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[-2]:
-            raise RuntimeError(f"KV cache full: {end} positions, capacity {self.key_buffer.shape[-2]}")
+        end = self._end_after(key_states.shape[-2])
         self.key_buffer[:, :, self.length : end] = key_states
         self.value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self._views()
+        self.written(key_states.shape[-2])
         return self.keys, self.values
 
     def written(self, positions: int) -> None:
         """Count ``positions`` new positions that a kernel wrote in place after the cached ones."""
-        if self.length + positions > self.key_buffer.shape[-2]:
-            raise RuntimeError(
-                f"KV cache full: {self.length + positions} positions, capacity {self.key_buffer.shape[-2]}"
-            )
-        self.length += positions
+        self.length = self._end_after(positions)
         self._views()
+
+    def _end_after(self, positions: int) -> int:
+        end = self.length + positions
+        if end > self.key_buffer.shape[-2]:
+            raise RuntimeError(f"KV cache full: {end} positions, capacity {self.key_buffer.shape[-2]}")
+        return end
 
     def get_seq_length(self) -> int:
         return self.length

@@ -1,5 +1,5 @@
-"""The decode kernels: the numbers of F.linear and SDPA to fp32 rounding, hand-computed cases, determinism,
-and a clean fallback where they cannot be built."""
+"""The kernels: the numbers of F.linear, SDPA, SwiGLU, log-softmax and RMSNorm to fp32 rounding, hand-computed
+cases, determinism, and a clean fallback where they cannot be built."""
 
 import logging
 import math
@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from incentive.kernels import build, decode_attention, small_rows
 from incentive.kernels.log_softmax import log_softmax_backward_, target_log_softmax
+from incentive.kernels.rms_norm import rms_norm
 from incentive.kernels.swiglu import swiglu
 
 needs_kernel = pytest.mark.skipif(
@@ -338,3 +339,79 @@ def test_log_softmax_rejects_what_it_does_not_compute():
         forward(torch.zeros(2, 5), torch.tensor([0, 1]), 0.0)
     with pytest.raises(RuntimeError, match="float32 CPU logits only"):
         forward(torch.zeros(2, 5, dtype=torch.float64), torch.tensor([0, 1]), 1.0)
+
+
+@needs_kernel
+def test_rms_norm_backward_hand_computed():
+    """x = [3, 4], w = [1, 2], eps = 0: r = 1/sqrt(12.5); with g = [1, 1], u = g·w = [1, 2] and sum(u·x) = 11,
+    so dx = r·u − x·r³·11/2 = [−0.0905097, 0.0678822] and dw = g·x·r = [0.8485281, 1.1313708]."""
+    x = torch.tensor([[3.0, 4.0]], requires_grad=True)
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    y = rms_norm(x, w, 0.0)
+    r = 1 / math.sqrt(12.5)
+    torch.testing.assert_close(y, torch.tensor([[3 * r, 8 * r]]))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[-0.0905097, 0.0678822]]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad, torch.tensor([0.8485281, 1.1313708]), rtol=1e-6, atol=1e-7)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7, 33), (70, 576), (2, 65, 16)])
+def test_rms_norm_matches_float64_like_pytorch(shape):
+    """Values bit-equal to F.rms_norm; gradients as close to a float64 reference as PyTorch's own (several
+    blocks of rows, widths that are not a multiple of 16, leading dimensions)."""
+    generator = torch.Generator().manual_seed(3)
+    d = shape[-1]
+    x = (torch.randn(*shape, generator=generator) * 3).requires_grad_()
+    w = torch.randn(d, generator=generator).requires_grad_()
+    grad = torch.randn(*shape, generator=generator)
+    y = rms_norm(x, w, 1e-5)
+    assert y.grad_fn is not None and "RMSNorm" in type(y.grad_fn).__name__
+    y.backward(grad)
+    ours = x.grad.clone(), w.grad.clone()
+    x.grad, w.grad = None, None
+    want = F.rms_norm(x, (d,), w, 1e-5)
+    assert torch.equal(y, want)
+    want.backward(grad)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    F.rms_norm(x64, (d,), w64, 1e-5).backward(grad.double())
+    for got, pytorch, exact in ((ours[0], x.grad, x64.grad), (ours[1], w.grad, w64.grad)):
+        bound = max(2 * (pytorch.double() - exact).abs().max().item(), 1e-6 * exact.abs().max().item())
+        assert (got.double() - exact).abs().max().item() <= bound
+
+
+@needs_kernel
+def test_rms_norm_backward_is_deterministic_across_thread_counts():
+    generator = torch.Generator().manual_seed(5)
+    x, grad = torch.randn(300, 96, generator=generator), torch.randn(300, 96, generator=generator)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
+    w = torch.randn(96, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op("rms_norm_backward")(grad, x, rstd, w)
+        torch.set_num_threads(2)
+        two = op("rms_norm_backward")(grad, x, rstd, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_rms_norm_falls_back_without_gradients_or_kernels(monkeypatch):
+    x, w = torch.randn(4, 8), torch.randn(8)
+    assert torch.equal(rms_norm(x, w, 1e-6), F.rms_norm(x, (8,), w, 1e-6))
+    assert rms_norm(x, w, 1e-6).grad_fn is None
+    monkeypatch.setattr(build, "ops_for", lambda *tensors: None)
+    leaf = x.clone().requires_grad_()
+    assert "RMSNorm" not in type(rms_norm(leaf, w, 1e-6).grad_fn).__name__
+
+
+@needs_kernel
+def test_rms_norm_backward_rejects_what_it_does_not_compute():
+    backward = op("rms_norm_backward")
+    with pytest.raises(RuntimeError, match=r"grad and x \[rows, d\] expected"):
+        backward(torch.zeros(2, 4), torch.zeros(2, 5), torch.ones(2), torch.ones(5))
+    with pytest.raises(RuntimeError, match=r"rstd \[rows\] and weight \[d\] expected"):
+        backward(torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(3), torch.ones(4))
+    with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
+        backward(torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(2), torch.ones(4, dtype=torch.float64))

@@ -34,6 +34,7 @@ SOURCES = tuple(
         "swiglu.cpp",
         "log_softmax.cpp",
         "decode_layer.cpp",
+        "rms_norm.cpp",
     )
 )
 HEADERS = (FOLDER / "vector_math.h", FOLDER / "kernels.h")

@@ -98,7 +98,8 @@ def test_lora_policy_samples_with_its_adapter_merged_and_keeps_its_weights():
     assert torch.equal(policy(input_ids=ids).logits, unmerged)  # adapter layers switched back on
 
     seen = []
-    original_forward = type(policy).forward
+    body = policy.base_model.model.model  # the prefill runs the body, the decode steps their own layers
+    original_forward = type(body).forward
 
     def spy(self, *args, **kwargs):
         seen.append(policy.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters)
@@ -107,7 +108,7 @@ def test_lora_policy_samples_with_its_adapter_merged_and_keeps_its_weights():
     examples, prompts = prompts_for(tokenizer, n=2)
     greedy = SamplingParams(n=1, max_new_tokens=4, temperature=0.0)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(policy), "forward", spy)
+        mp.setattr(type(body), "forward", spy)
         ENGINES.get("cached")(policy, tokenizer).generate(examples, prompts, [0, 1], greedy)
     assert seen and all(seen)  # sampled through the merged weights, adapter layers off
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())

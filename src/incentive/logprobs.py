@@ -8,8 +8,10 @@ a token budget, so padding stays small; results come back in input order.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
@@ -17,6 +19,9 @@ from transformers.cache_utils import Cache
 
 from incentive.grad_in_place import gradients_in_place
 from incentive.lm_head import FusedHead, LogitsHead, head_for
+
+if TYPE_CHECKING:
+    from incentive.engines.prefilled import PrefilledPrompts
 
 # One more forward pass costs about this many padded tokens: on the benchmark workload (16 completions of
 # 8-64 tokens) 64 cut a forward+backward from 4.2 s to 3.3 s; 16 and 256 were slower.
@@ -140,6 +145,7 @@ def backward_target_logprobs(
     indices: Sequence[int],
     loss_of: Callable[[list[int], list[torch.Tensor]], torch.Tensor],
     temperature: float = 1.0,
+    prefilled: PrefilledPrompts | None = None,
 ) -> float:
     """Forward and backward pass of a loss on the logprobs of ``indices``' targets; returns the summed loss.
 
@@ -149,10 +155,11 @@ def backward_target_logprobs(
     gradient; the gradient reaching its KV cache is summed over the buckets in a fixed order, and at the end the
     context runs again with gradient and the sum goes back through it (one more context forward, and the
     context's activations are never alive together with a bucket's). The vocabulary-sized weight gradients go
-    straight into ``.grad`` (:mod:`incentive.grad_in_place`).
+    straight into ``.grad`` (:mod:`incentive.grad_in_place`). The context's first run is taken from
+    ``prefilled`` where that holds it for the current weights (the engine's prefill before sampling).
     """
     with gradients_in_place():
-        return _backward_target_logprobs(model, contexts, targets, indices, loss_of, temperature)
+        return _backward_target_logprobs(model, contexts, targets, indices, loss_of, temperature, prefilled)
 
 
 def _backward_target_logprobs(
@@ -162,6 +169,7 @@ def _backward_target_logprobs(
     indices: Sequence[int],
     loss_of: Callable[[list[int], list[torch.Tensor]], torch.Tensor],
     temperature: float,
+    prefilled: PrefilledPrompts | None,
 ) -> float:
     unique = {tuple(contexts[i]) for i in indices}
     if len(unique) == len(indices):
@@ -170,8 +178,11 @@ def _backward_target_logprobs(
         loss.backward()
         return float(loss.detach())
     head = head_for(model)
+    take = None
+    if prefilled is not None and isinstance(head, FusedHead):
+        take = functools.partial(prefilled.take, model)
     with torch.no_grad():
-        context = _SharedContext(head, contexts, indices)
+        context = _SharedContext(head, contexts, indices, take)
     leaves = [*_cache_tensors(context.cache), context.last]
     for leaf in leaves:
         leaf.requires_grad_(True)
@@ -197,17 +208,27 @@ class _SharedContext:
     """The distinct contexts of some rows, run once (left-padded) with their KV cache kept for the targets."""
 
     def __init__(
-        self, head: LogitsHead | FusedHead, contexts: Sequence[Sequence[int]], indices: Sequence[int]
+        self,
+        head: LogitsHead | FusedHead,
+        contexts: Sequence[Sequence[int]],
+        indices: Sequence[int],
+        take: Callable[[list[tuple[int, ...]]], tuple[Cache, torch.Tensor] | None] | None = None,
     ) -> None:
+        """``take`` may give the contexts' cache and last states as they would be computed here (see
+        :meth:`incentive.engines.prefilled.PrefilledPrompts.take`), in which case they are not run."""
         order: dict[tuple[int, ...], int] = {}
         for i in indices:
             order.setdefault(tuple(contexts[i]), len(order))
         self.contexts = contexts
         self.order = order
         ids, self.mask, positions = left_padded(list(order))
-        self.cache, self.last = head.run(
-            1, input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True
-        )
+        kept = take(list(order)) if take is not None else None
+        if kept is not None:
+            self.cache, self.last = kept
+        else:
+            self.cache, self.last = head.run(
+                1, input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True
+            )
 
     def target_logprobs(
         self,

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.data.example import Example
 from incentive.engines.merged import merged_lora
+from incentive.engines.prefilled import PrefilledPrompts
 from incentive.rollout.types import Completion, RolloutBatch
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class Engine(ABC):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stop_ids = stop_token_ids(model, tokenizer)
+        self.prefilled = PrefilledPrompts(model)
+        """Prompt prefills the engine keeps for the update on the same weights (the cached engine fills it)."""
 
     @classmethod
     def build(

@@ -126,14 +126,20 @@ class CachedEngine(Engine):
         model = self.model if self.low_precision is None else self.low_precision.model_for(self.model)
         ids, mask, positions = left_padded(list(contexts))
         step = DecodeStep.for_model(model)
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
+        if step is not None:
+            cache, last, logits = step.prefill(ids, mask, positions)
+            if self.low_precision is None:
+                self.prefilled.put(contexts, cache, last)
+        else:
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
+            cache, logits = out.cache, out.logits[:, -1]
         owner = torch.arange(len(contexts)).repeat_interleave(params.n)
         limit = list(limits) if limits is not None else [params.max_new_tokens] * len(owner)
-        cache = preallocate(out.cache, owner, max(limit, default=0))
+        cache = preallocate(cache, owner, max(limit, default=0))
         mask = mask[owner]
-        logits = out.logits[owner, -1]
+        logits = logits[owner]
         next_pos = torch.tensor([len(c) for c in contexts])[owner]
         rows = torch.arange(len(owner))
         tokens: list[list[int]] = [[] for _ in rows]

@@ -49,6 +49,7 @@ class DecodeStep:
             type(attention).__module__
         ].rotate_half
         self.layers = [_Layer(layer) for layer in self.body.layers]
+        self.lm_head = base.lm_head
         self.project_head = Projections(base.lm_head)
 
     @classmethod
@@ -73,6 +74,15 @@ class DecodeStep:
         if any(type(layer.self_attn).__name__ not in _ATTENTION_CLASSES for layer in layers):
             return None
         return cls(model)
+
+    def prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """The model's own forward over left-padded prompts, split where the last hidden state shows: the KV
+        cache, the final hidden state of each row's last token [rows, 1, d] and its logits [rows, vocab]."""
+        out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        last = out.last_hidden_state[:, -1:]
+        return out.cache, last, self.lm_head(last)[:, -1]
 
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any

@@ -1,6 +1,7 @@
 """RMSNorm through PyTorch's fused forward kernel: the same numbers in fp32 as the transformers modules (tested
 bit-equal), one saved activation fewer per norm, and five element-wise ops become one. The backward pass goes
-through :func:`incentive.kernels.rms_norm.rms_norm` (one kernel instead of PyTorch's ~20 ops on the CPU)."""
+through :func:`incentive.kernels.rms_norm.rms_norm` (one kernel instead of PyTorch's ~20 ops on the CPU; its
+gradients equal the modules' to fp32 rounding, tested)."""
 
 from __future__ import annotations
 

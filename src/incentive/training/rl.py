@@ -199,7 +199,7 @@ class RLTrainer:
             total_loss = 0.0
             for chunk in plan_batches(contexts, targets, rl.micro_batch_tokens):
                 total_loss += backward_target_logprobs(
-                    p.policy, contexts, targets, chunk, loss_of, self.params.temperature
+                    p.policy, contexts, targets, chunk, loss_of, self.params.temperature, p.engine.prefilled
                 )
             losses.append(total_loss)
             grad_norms.append(self._optimizer_step())

@@ -1,0 +1,113 @@
+"""The engine's prompt prefills reused by the update: the same keys, values and states the update would make,
+taken only while the weights are the ones they were made with."""
+
+import torch
+
+from incentive.engines import ENGINES, SamplingParams
+from incentive.engines.prefilled import PrefilledPrompts, weights_version
+from incentive.lm_head import head_for
+from incentive.logprobs import _SharedContext, backward_target_logprobs, left_padded
+
+
+def _contexts(n: int = 3) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(11)
+    return [torch.randint(3, 1000, (k,), generator=gen).tolist() for k in (9, 5, 7)[:n]]
+
+
+def _prefill(model, tokenizer, contexts, **engine_args):
+    engine = ENGINES.get("cached")(model, tokenizer, **engine_args)
+    engine.decode(contexts, SamplingParams(n=2, max_new_tokens=3, temperature=0.0))
+    return engine
+
+
+def _computed(model, contexts):
+    head = head_for(model)
+    with torch.no_grad():
+        ctx = _SharedContext(head, contexts, range(len(contexts)))
+    return ctx.cache, ctx.last
+
+
+def test_taken_prefill_equals_what_the_update_computes(tiny):
+    """All prompts, a subset whose longest is shorter than the prefill's (the padding columns go), and another
+    order: keys, values and last states equal the update's own run of those prompts."""
+    model, tokenizer = tiny
+    contexts = _contexts()
+    engine = _prefill(model, tokenizer, contexts)
+    for wanted in (contexts, [contexts[2], contexts[1]], [contexts[1]]):
+        order = [tuple(c) for c in wanted]
+        cache, last = engine.prefilled.take(model, order)
+        want_cache, want_last = _computed(model, wanted)
+        torch.testing.assert_close(last, want_last, rtol=1e-5, atol=1e-5)
+        for layer, want in zip(cache.layers, want_cache.layers, strict=True):
+            assert layer.keys.shape == want.keys.shape
+            torch.testing.assert_close(layer.keys, want.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer.values, want.values, rtol=1e-5, atol=1e-5)
+    assert engine.prefilled.take(model, [(1, 2, 3)]) is None  # a prompt it never saw
+
+
+def test_nothing_is_taken_once_the_weights_change(tiny):
+    model, tokenizer = tiny
+    contexts = _contexts()
+    engine = _prefill(model, tokenizer, contexts)
+    order = [tuple(c) for c in contexts]
+    assert engine.prefilled.take(model, order) is not None
+    before = weights_version(model)
+    weight = next(p for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        weight.add_(0.0)  # any in-place write, as an optimizer step or a checkpoint load does
+    assert weights_version(model) != before
+    assert engine.prefilled.take(model, order) is None
+    other = ENGINES.get("cached")(model, tokenizer)
+    assert other.prefilled.take(model, order) is None
+    _prefill(model, tokenizer, contexts[:1])
+    assert engine.prefilled.take(torch.nn.Linear(2, 2), order) is None  # another model
+
+
+def test_kept_only_within_budget_for_fp32_policies_without_dropout(tiny):
+    model, tokenizer = tiny
+    contexts = _contexts()
+    order = [tuple(c) for c in contexts]
+    small = ENGINES.get("cached")(model, tokenizer)
+    small.prefilled = PrefilledPrompts(model, max_bytes=1000)
+    small.decode(contexts, SamplingParams(n=1, max_new_tokens=2, temperature=0.0))
+    assert small.prefilled.entries == []
+    bf16 = _prefill(model, tokenizer, contexts, sampling_dtype=torch.bfloat16)
+    assert bf16.prefilled.take(model, order) is None
+    dropout = PrefilledPrompts(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    ids, mask, positions = left_padded(contexts)
+    cache, last = _computed(model, contexts)
+    dropout.put(contexts, cache, last)
+    assert dropout.entries == []
+
+
+def test_update_gradients_equal_with_and_without_the_prefill(tiny):
+    """backward_target_logprobs taking the engine's prefill gives the loss and gradients of its own run."""
+    model, tokenizer = tiny
+    contexts = _contexts(2)
+    gen = torch.Generator().manual_seed(2)
+    rows = [contexts[0], contexts[1], contexts[0], contexts[1]]
+    targets = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (4, 2, 6, 3)]
+    engine = _prefill(model, tokenizer, contexts)
+
+    def loss_of(indices, lps):
+        return sum(((lp * (i + 1)).sum() for i, lp in zip(indices, lps, strict=True)), torch.zeros(()))
+
+    taken = []
+    original = engine.prefilled.take
+
+    def spy(model_, order):
+        taken.append(original(model_, order) is not None)
+        return original(model_, order)
+
+    engine.prefilled.take = spy
+    results = []
+    for prefilled in (None, engine.prefilled):
+        model.zero_grad()
+        loss = backward_target_logprobs(model, rows, targets, range(4), loss_of, 0.8, prefilled)
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    model.zero_grad()
+    assert taken == [True]
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a - loss_b) < 1e-4
+    assert grads_a.keys() == grads_b.keys()
+    assert all(torch.allclose(grads_a[k], grads_b[k], atol=1e-5, rtol=1e-4) for k in grads_a)

@@ -148,6 +148,45 @@ def test_one_kernel_per_layer_equals_the_op_by_op_step(tiny):
         fused(tokens, positions, mask, ours)
 
 
+@torch.no_grad()
+def test_rows_leave_the_batch_without_copying_the_cache(tiny):
+    """Rows that finish are dropped by index (no copy of any layer's buffers) on the fused path and by copying
+    on the op-by-op path: the same logits and cache contents, in the new row order; the next op-by-op update
+    makes the buffers compact again."""
+    if build.kernel_ops() is None:
+        pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
+    model = tiny[0]
+    fused, op_by_op = DecodeStep.for_model(model), DecodeStep.for_model(model)
+    for layer in op_by_op.layers:
+        layer.fused = None
+    contexts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [19, 20, 21], [22, 23, 24, 25]]
+    ours, mask, positions = _prefilled(model, contexts)
+    theirs, _, _ = _prefilled(model, contexts)
+    buffers = [layer.key_buffer for layer in ours.layers]
+    tokens = torch.tensor([30, 31, 32, 33])
+    for keep in (None, torch.tensor([3, 1, 0]), torch.tensor([2, 0])):
+        if keep is not None:
+            ours.batch_select_indices(keep)
+            theirs.batch_select_indices(keep)
+            tokens, positions, mask = tokens[keep], positions[keep], mask[keep]
+        mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
+        got = fused(tokens, positions, mask, ours)
+        want = op_by_op(tokens, positions, mask, theirs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        tokens, positions = got.argmax(-1), positions + 1
+    assert all(a.key_buffer is b for a, b in zip(ours.layers, buffers, strict=True))  # never copied
+    assert ours.layers[0].rows.tolist() == [0, 3] and ours.layers[0].keys is None
+    for a, b in zip(ours.layers, theirs.layers, strict=True):
+        a._compact()
+        assert a.rows is None and a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-6)
+    ours.layers[0].rows = torch.tensor([0, 7])
+    mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
+    with pytest.raises(RuntimeError, match="cache row 7 of row 1 is outside the cache's 2 rows"):
+        fused(tokens, positions, mask, ours)
+
+
 def test_one_kernel_per_layer_only_where_it_computes_the_same_layer(tiny):
     """Biased projections (Qwen2's q/k/v), an active LoRA adapter, norms other than RMSNorm: op by op."""
     from peft import LoraConfig, get_peft_model

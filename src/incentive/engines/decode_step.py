@@ -212,6 +212,7 @@ class _FusedLayer:
             sin.reshape(rows, -1),
             kv.key_buffer,
             kv.value_buffer,
+            kv.rows,
             kv.length,
             allowed,
             self.scaling,

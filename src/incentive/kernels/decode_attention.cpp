@@ -124,10 +124,10 @@ void attend_head(const float* q, const float* keys, const float* values, int64_t
 
 namespace incentive {
 
-// q [rows, heads, dim]; keys, values [rows, kv_heads, length, dim] (any strides, unit stride along dim);
-// allowed [rows, length] bool -> [rows, heads, dim].
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& allowed, double scale) {
+// q [rows, heads, dim]; keys, values [cache rows, kv_heads, length, dim] (any strides, unit stride along dim);
+// allowed [rows, length] bool -> [rows, heads, dim]; row r reads cache row cache_rows[r] (or r).
+at::Tensor decode_attention_rows(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                 const at::Tensor& allowed, double scale, const int64_t* cache_rows) {
   TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
               "decode_attention: q [rows, heads, dim] and keys, values [rows, kv_heads, length, dim] "
               "expected");
@@ -137,8 +137,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
               "decode_attention: float32 CPU tensors only");
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = keys.size(1), length = keys.size(2);
-  TORCH_CHECK(keys.size(0) == rows && keys.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0,
+  TORCH_CHECK((cache_rows != nullptr || keys.size(0) == rows) && keys.size(3) == dim && kv_heads > 0 &&
+                  heads % kv_heads == 0,
               "decode_attention: shapes of q and keys do not match");
+  for (int64_t r = 0; cache_rows != nullptr && r < rows; ++r)
+    TORCH_CHECK(0 <= cache_rows[r] && cache_rows[r] < keys.size(0), "decode_attention: cache row ", cache_rows[r],
+                " of row ", r, " is outside the cache's ", keys.size(0), " rows");
   TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.dim() == 2 && allowed.size(0) == rows &&
                   allowed.size(1) == length,
               "decode_attention: allowed must be a [rows, length] bool tensor");
@@ -158,8 +162,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     std::vector<float> weights(static_cast<size_t>(8 * length));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / kv_heads, head = task % kv_heads;
-      const float* k = kp + row * kc.stride(0) + head * kc.stride(1);
-      const float* v = vp + row * vc.stride(0) + head * vc.stride(1);
+      const int64_t cache_row = cache_rows != nullptr ? cache_rows[row] : row;
+      const float* k = kp + cache_row * kc.stride(0) + head * kc.stride(1);
+      const float* v = vp + cache_row * vc.stride(0) + head * vc.stride(1);
       const int64_t first = row * heads + head * group;
       attend_head(qp + first * dim, k, v, kc.stride(2), vc.stride(2), mp + row * length, length, dim,
                   static_cast<float>(scale), group, weights.data(), op + first * dim);
@@ -170,7 +175,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 
 }  // namespace incentive
 
+namespace {
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& allowed, double scale) {
+  return incentive::decode_attention_rows(q, keys, values, allowed, scale, nullptr);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(incentive_kernels, lib) {
   lib.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor allowed, float scale) -> Tensor",
-          &incentive::decode_attention);
+          &decode_attention);
 }

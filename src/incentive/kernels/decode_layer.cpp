@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "kernels.h"
 #include "vector_math.h"
@@ -59,12 +60,14 @@ void check_float(const at::Tensor& t, const char* what) {
 namespace incentive {
 
 // hidden [rows, d] -> the layer's output [rows, d]; writes the rows' new key and value at position `length`
-// of key_buffer / value_buffer [rows, kv_heads, capacity, head_dim]; allowed [rows, length + 1] bool covers
-// the cache and the new token; cos, sin [rows, head_dim].
+// of key_buffer / value_buffer [cache rows, kv_heads, capacity, head_dim], row r in cache row cache_rows[r]
+// (r itself without cache_rows: rows that finished leave the batch without copying the cache); allowed
+// [rows, length + 1] bool covers the cache and the new token; cos, sin [rows, head_dim].
 at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, const at::Tensor& post_norm,
                         double eps, at::TensorList qkv, const at::Tensor& o, at::TensorList gate_up,
                         const at::Tensor& down, const at::Tensor& cos, const at::Tensor& sin,
-                        at::Tensor& key_buffer, at::Tensor& value_buffer, int64_t length,
+                        at::Tensor& key_buffer, at::Tensor& value_buffer,
+                        const std::optional<at::Tensor>& cache_rows, int64_t length,
                         const at::Tensor& allowed, double scale, int64_t heads, int64_t kv_heads) {
   TORCH_CHECK(__builtin_cpu_supports("avx512f"), "decode_layer: the CPU has no AVX-512");
   TORCH_CHECK(hidden.dim() == 2, "decode_layer: hidden must be [rows, d]");
@@ -74,12 +77,21 @@ at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, 
   TORCH_CHECK(input_norm.numel() == d && post_norm.numel() == d, "decode_layer: norm weights of size d");
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == rows && sin.sizes() == cos.sizes() && dim % 2 == 0,
               "decode_layer: cos and sin [rows, head_dim] expected");
-  TORCH_CHECK(key_buffer.dim() == 4 && key_buffer.size(0) == rows && key_buffer.size(1) == kv_heads &&
+  const at::Tensor picked = cache_rows.has_value() ? cache_rows->contiguous() : at::Tensor();
+  TORCH_CHECK(!picked.defined() || (picked.scalar_type() == at::kLong && picked.dim() == 1 &&
+                                    picked.size(0) == rows && picked.device().is_cpu()),
+              "decode_layer: cache_rows must be one int64 cache row per row");
+  const int64_t* index = picked.defined() ? picked.data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(key_buffer.dim() == 4 && (index != nullptr || key_buffer.size(0) == rows) &&
+                  key_buffer.size(1) == kv_heads &&
                   key_buffer.size(3) == dim && value_buffer.sizes() == key_buffer.sizes() &&
                   key_buffer.stride(3) == 1 && value_buffer.stride(3) == 1,
               "decode_layer: key and value buffers [rows, kv_heads, capacity, head_dim] expected");
   TORCH_CHECK(0 <= length && length < key_buffer.size(2), "decode_layer: KV cache full: ", length + 1,
               " positions, capacity ", key_buffer.size(2));
+  for (int64_t r = 0; index != nullptr && r < rows; ++r)
+    TORCH_CHECK(0 <= index[r] && index[r] < key_buffer.size(0), "decode_layer: cache row ", index[r], " of row ",
+                r, " is outside the cache's ", key_buffer.size(0), " rows");
   TORCH_CHECK(gate_up.size() == 2 && gate_up[0].sizes() == gate_up[1].sizes(),
               "decode_layer: gate and up weights of one shape expected");
   const at::Tensor h = hidden.contiguous();
@@ -100,20 +112,21 @@ at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, 
   float* vp = value_buffer.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = pp + r * projected.size(1);
+    const int64_t cache_row = index != nullptr ? index[r] : r;
     for (int64_t head = 0; head < heads; ++head)
       rotate(row + head * dim, cp + r * dim, sp + r * dim, dim,
              q.data_ptr<float>() + (r * heads + head) * dim);
     for (int64_t head = 0; head < kv_heads; ++head) {
       float* key =
-          kp + r * key_buffer.stride(0) + head * key_buffer.stride(1) + length * key_buffer.stride(2);
+          kp + cache_row * key_buffer.stride(0) + head * key_buffer.stride(1) + length * key_buffer.stride(2);
       float* value =
-          vp + r * value_buffer.stride(0) + head * value_buffer.stride(1) + length * value_buffer.stride(2);
+          vp + cache_row * value_buffer.stride(0) + head * value_buffer.stride(1) + length * value_buffer.stride(2);
       rotate(row + (heads + head) * dim, cp + r * dim, sp + r * dim, dim, key);
       std::memcpy(value, row + (heads + kv_heads + head) * dim, sizeof(float) * dim);
     }
   }
-  const at::Tensor attended = decode_attention(q, key_buffer.narrow(2, 0, length + 1),
-                                               value_buffer.narrow(2, 0, length + 1), allowed, scale);
+  const at::Tensor attended = decode_attention_rows(q, key_buffer.narrow(2, 0, length + 1),
+                                                    value_buffer.narrow(2, 0, length + 1), allowed, scale, index);
 
   at::Tensor mid = small_rows_linear(attended.view({rows, heads * dim}), {o});
   TORCH_CHECK(mid.size(1) == d, "decode_layer: the o projection must return d features");
@@ -138,6 +151,7 @@ TORCH_LIBRARY_FRAGMENT(incentive_kernels, lib) {
   lib.def(
       "decode_layer(Tensor hidden, Tensor input_norm, Tensor post_norm, float eps, Tensor[] qkv, Tensor o, "
       "Tensor[] gate_up, Tensor down, Tensor cos, Tensor sin, Tensor(a!) key_buffer, "
-      "Tensor(b!) value_buffer, int length, Tensor allowed, float scale, int heads, int kv_heads) -> Tensor",
+      "Tensor(b!) value_buffer, Tensor? cache_rows, int length, Tensor allowed, float scale, int heads, "
+      "int kv_heads) -> Tensor",
       &incentive::decode_layer);
 }

@@ -415,3 +415,60 @@ def test_rms_norm_backward_rejects_what_it_does_not_compute():
         backward(torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(3), torch.ones(4))
     with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
         backward(torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(2), torch.ones(4, dtype=torch.float64))
+
+
+@needs_kernel
+def test_sampling_hand_computed():
+    """Logits [0, ln 3]: probabilities 1/4 and 3/4, so a uniform of 0.2 draws token 0 and 0.3 token 1; at
+    temperature 0.5 they are 1/10 and 9/10, so 0.2 draws token 1."""
+    logits = torch.tensor([[0.0, math.log(3.0)]] * 3)
+    uniforms = torch.tensor([0.2, 0.3, 0.0], dtype=torch.float64)
+    tokens, logprobs = op("sample_tokens")(logits, 1.0, uniforms)
+    assert tokens.tolist() == [0, 1, 0]
+    torch.testing.assert_close(logprobs, torch.tensor([math.log(0.25), math.log(0.75), math.log(0.25)]))
+    tokens, logprobs = op("sample_tokens")(logits[:1], 0.5, uniforms[:1])
+    assert tokens.tolist() == [1] and logprobs.item() == pytest.approx(math.log(0.9), rel=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocabulary", [1, 17, 49152])
+def test_sampling_draws_what_the_pytorch_inverse_cdf_draws(vocabulary):
+    """With the same uniforms, the PyTorch sampler's tokens; logprobs of log_softmax at the temperature;
+    -inf logits never drawn; the same on 1 and 2 threads."""
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(64, vocabulary, generator=generator) * 4
+    logits[:, ::3] = -float("inf") if vocabulary > 1 else 0.0
+    uniforms = torch.rand(64, dtype=torch.float64, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op("sample_tokens")(logits, 0.7, uniforms)
+        torch.set_num_threads(2)
+        tokens, logprobs = op("sample_tokens")(logits, 0.7, uniforms)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], tokens) and torch.equal(one[1], logprobs)
+    probs = torch.log_softmax(logits / 0.7, -1).exp()
+    torch.manual_seed(0)
+    expected_uniforms = torch.rand(64, 1, dtype=torch.float64)
+    torch.manual_seed(0)
+    # the engine draws its uniforms as inverse_cdf does: the same random stream either way
+    assert torch.equal(expected_uniforms.squeeze(-1), torch.rand(64, dtype=torch.float64))
+    cdf = probs.double().cumsum(-1)
+    want = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True).squeeze(-1)
+    assert torch.equal(tokens, want.clamp(max=vocabulary - 1))
+    if vocabulary > 1:
+        assert (tokens % 3 != 0).all()
+    want_logprobs = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_sampling_rejects_what_it_does_not_compute():
+    sample = op("sample_tokens")
+    with pytest.raises(RuntimeError, match="one float64 uniform per row"):
+        sample(torch.zeros(2, 5), 1.0, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="temperature must be positive"):
+        sample(torch.zeros(2, 5), 0.0, torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"float32 CPU logits \[rows, vocabulary\]"):
+        sample(torch.zeros(2, 5, dtype=torch.float64), 1.0, torch.zeros(2, dtype=torch.float64))

@@ -35,6 +35,7 @@ SOURCES = tuple(
         "log_softmax.cpp",
         "decode_layer.cpp",
         "rms_norm.cpp",
+        "sampling.cpp",
     )
 )
 HEADERS = (FOLDER / "vector_math.h", FOLDER / "kernels.h")

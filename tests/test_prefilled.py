@@ -51,6 +51,9 @@ def test_nothing_is_taken_once_the_weights_change(tiny):
     engine = _prefill(model, tokenizer, contexts)
     order = [tuple(c) for c in contexts]
     assert engine.prefilled.take(model, order) is not None
+    engine.weights_changed()  # the trainer's call after an optimizer step drops them at once
+    assert engine.prefilled.entries == []
+    engine = _prefill(model, tokenizer, contexts)
     before = weights_version(model)
     weight = next(p for p in model.parameters() if p.requires_grad)
     with torch.no_grad():

@@ -91,7 +91,8 @@ class CachedEngine(Engine):
         return cls(model, tokenizer, batch_size, getattr(torch, generation.sampling_dtype))
 
     def weights_changed(self) -> None:
-        """A bf16 copy is reloaded from the policy before the next rollout."""
+        """Prompt prefills of the old weights are dropped; a bf16 copy is reloaded before the next rollout."""
+        self.prefilled.clear()
         if self.low_precision is not None:
             self.low_precision.mark_stale()
 

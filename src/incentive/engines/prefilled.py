@@ -57,6 +57,10 @@ class PrefilledPrompts:
         rows = {tuple(c): i for i, c in enumerate(contexts)}
         self.entries.append(_Entry(version, rows, kept, last, nbytes))
 
+    def clear(self) -> None:
+        """Drop every kept prefill (the engine does when told the weights changed)."""
+        self.entries = []
+
     def take(
         self, model: torch.nn.Module, contexts: Sequence[tuple[int, ...]]
     ) -> tuple[Cache, torch.Tensor] | None:

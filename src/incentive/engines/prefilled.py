@@ -8,8 +8,10 @@ benchmark workload ~0.2 s of a ~4 s update. The engine keeps each prefill here a
 An entry is used only while the policy's trainable parameters are the same tensors at the same version
 (every optimizer step, checkpoint load or other in-place write bumps a tensor's version), for a policy without
 dropout (sampling runs in eval mode, training in train mode), and only by a model whose head turns the final
-hidden state into logits by one linear layer (the state kept is that hidden state). Entries of older weights
-are dropped at the next prefill; all of them stay under a byte budget.
+hidden state into logits by one linear layer (the state kept is that hidden state). A LoRA policy samples with
+its adapter merged, so its kept keys and values are the update's to fp32 rounding. Entries are dropped when the
+engine hears that the weights changed (and any of older weights at the next prefill); all of them stay under a
+byte budget.
 """
 
 from __future__ import annotations

@@ -114,3 +114,27 @@ def test_update_gradients_equal_with_and_without_the_prefill(tiny):
     assert abs(loss_a - loss_b) < 1e-4
     assert grads_a.keys() == grads_b.keys()
     assert all(torch.allclose(grads_a[k], grads_b[k], atol=1e-5, rtol=1e-4) for k in grads_a)
+
+
+def test_a_lora_policy_takes_its_merged_prefill(tiny):
+    """Sampling merges the adapter and switches it off (peft then freezes the adapter's parameters): the
+    prefill still belongs to the policy's weights and equals the update's own run to fp32 rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    from incentive.models import load_model
+    from tests.test_engines import prompts_for
+
+    tokenizer = tiny[1]
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    policy = get_peft_model(load_model("tiny-random"), lora)
+    examples, prompts = prompts_for(tokenizer, n=2)
+    engine = ENGINES.get("cached")(policy, tokenizer)
+    engine.generate(examples, prompts, [0, 1], SamplingParams(n=2, max_new_tokens=3, temperature=0.0))
+    order = [tuple(engine.encode(p)) for p in prompts]
+    kept = engine.prefilled.take(policy, order)
+    assert kept is not None and engine.prefilled.version is None
+    want_cache, want_last = _computed(policy, [list(c) for c in order])
+    torch.testing.assert_close(kept[1], want_last, rtol=1e-4, atol=1e-5)
+    for layer, want in zip(kept[0].layers, want_cache.layers, strict=True):
+        torch.testing.assert_close(layer.keys, want.keys, rtol=1e-4, atol=1e-5)

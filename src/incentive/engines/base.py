@@ -78,7 +78,7 @@ class Engine(ABC):
         was_training = self.model.training
         self.model.eval()
         try:
-            with merged_lora(self.model):
+            with self.prefilled.sampling(), merged_lora(self.model):
                 for start in range(0, len(prompts), per_call):
                     stop = start + per_call
                     completions += self._chunk(

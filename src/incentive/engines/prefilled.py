@@ -17,7 +17,8 @@ byte budget.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +45,21 @@ class PrefilledPrompts:
         self.model = model
         self.max_bytes = max_bytes
         self.entries: list[_Entry] = []
+        self.version: tuple[tuple[int, int], ...] | None = None
+
+    @contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Prefills kept inside belong to the weights as they are on entry: a LoRA policy then samples with its
+        adapter merged into copies and switched off (peft freezes the adapter's parameters meanwhile)."""
+        self.version = weights_version(self.model)
+        try:
+            yield
+        finally:
+            self.version = None
 
     def put(self, contexts: Sequence[Sequence[int]], cache: Cache, last: torch.Tensor) -> None:
         """Keep a prefill of ``contexts`` (left-padded to the longest) made with the current weights."""
-        version = weights_version(self.model)
+        version = self.version if self.version is not None else weights_version(self.model)
         self.entries = [e for e in self.entries if e.version == version]
         if _has_dropout(self.model):
             return

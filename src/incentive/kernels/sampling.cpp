@@ -29,6 +29,24 @@ __attribute__((target("avx512f"))) double sum_as_double(__m512 v) {
   return _mm512_reduce_add_pd(_mm512_add_pd(low, high));
 }
 
+// The first i whose running float64 sum of probs[0:i+1] exceeds target, skipping whole blocks of kLanes while
+// their sum stays at or below it; n - 1 if rounding leaves the total short of it.
+__attribute__((target("avx512f"))) int64_t first_past(const float* probs, int64_t n, double target) {
+  double running = 0.0;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const double block = sum_as_double(_mm512_loadu_ps(probs + j));
+    if (running + block <= target) {
+      running += block;
+      continue;
+    }
+    for (int64_t i = j; i < std::min(n, j + kLanes); ++i) {
+      running += probs[i];
+      if (running > target) return i;
+    }
+  }
+  return n - 1;
+}
+
 // The token drawn from row x[0:n] with scale = 1 / temperature and a uniform in [0, 1); its logprob into *logprob.
 __attribute__((target("avx512f"))) int64_t sample_row(const float* x, int64_t n, float scale, double uniform,
                                                       float* probs, float* logprob) {
@@ -56,25 +74,7 @@ __attribute__((target("avx512f"))) int64_t sample_row(const float* x, int64_t n,
     _mm512_storeu_ps(probs + j, p);  // zero past n and for -inf logits: never drawn
     mass += sum_as_double(p);
   }
-  const double target = uniform * mass;
-  double running = 0.0;
-  int64_t token = n - 1;
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const double block = sum_as_double(_mm512_loadu_ps(probs + j));
-    if (running + block <= target) {
-      running += block;
-      continue;
-    }
-    const int64_t end = std::min(n, j + kLanes);
-    for (int64_t i = j; i < end; ++i) {
-      running += probs[i];
-      if (running > target) {
-        token = i;
-        break;
-      }
-    }
-    if (token != n - 1 || running > target) break;
-  }
+  const int64_t token = first_past(probs, n, uniform * mass);
   *logprob = x[token] * scale - lse;
   return token;
 }

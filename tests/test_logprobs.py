@@ -1,7 +1,10 @@
+import pytest
 import torch
 
 from incentive import logprobs
+from incentive.lm_head import head_for
 from incentive.logprobs import length_buckets, plan_batches, target_logprobs
+from incentive.models.packed_body import PackedBody, PackedRows
 
 
 def test_batched_logprobs_equal_one_at_a_time(tiny):
@@ -75,24 +78,42 @@ def test_shared_context_path_matches_whole_rows_with_gradients(tiny):
         assert all(torch.allclose(g_a[k], g_b[k], atol=1e-4, rtol=1e-4) for k in g_a)
 
 
-def test_scoring_in_length_buckets_matches_whole_rows(tiny, monkeypatch):
+def _padded_or_packed(monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module, packed: bool) -> None:
+    """Targets after a shared context run packed (:mod:`incentive.models.packed_body`) where the model allows,
+    as the tiny model does; ``packed=False`` makes them run right-padded in length buckets."""
+    assert (PackedBody.for_model(model) is not None) and logprobs._packed_body(
+        model, head_for(model)
+    ) is not None
+    if not packed:
+        monkeypatch.setattr(logprobs, "_packed_body", lambda model, head: None)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_scoring_in_length_buckets_matches_whole_rows(tiny, monkeypatch, packed):
     from incentive.logprobs import _shared_context_logprobs, _whole_row_logprobs
 
     gen = torch.Generator().manual_seed(2)
     c1, c2 = (torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (7, 4))
     contexts = [c1, c2, c1, c2, c1]
     targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (3, 5, 1, 0, 4)]
-    # every row its own forward on the shared context, last row first
-    monkeypatch.setattr(logprobs, "length_buckets", lambda lengths: [[k] for k in range(len(lengths))][::-1])
+    _padded_or_packed(monkeypatch, tiny[0], packed)
+    if packed:  # one pass; every length its own attention group
+        monkeypatch.setattr(logprobs, "ATTENTION_GROUP_OVERHEAD", 0)
+    else:  # every row its own forward on the shared context, last row first
+        monkeypatch.setattr(
+            logprobs, "length_buckets", lambda lengths, **_: [[k] for k in range(len(lengths))][::-1]
+        )
     with torch.no_grad():
         whole = _whole_row_logprobs(tiny[0], contexts, targets, list(range(5)), 0.7)
         bucketed = _shared_context_logprobs(tiny[0], contexts, targets, list(range(5)), 0.7)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(whole, bucketed, strict=True))
 
 
-def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkeypatch):
-    """Training's path (one backward pass per length bucket, the shared context's KV gradient summed and sent
-    back once) gives the loss and gradients of one pass over whole rows, for full and LoRA models."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkeypatch, packed):
+    """Training's path (one backward pass per length bucket or packed pass, the shared context's KV gradient
+    summed and sent back once) gives the loss and gradients of one pass over whole rows, for full and LoRA
+    models; packed passes put an empty row and several attention groups in one pass."""
     from peft import LoraConfig, get_peft_model
 
     from incentive.logprobs import _whole_row_logprobs, backward_target_logprobs
@@ -103,7 +124,14 @@ def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkey
     contexts = [c1, c2, c1, c2, c1, c2]
     targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (3, 5, 1, 0, 4, 2)]
     weights = torch.arange(1.0, 7.0)
-    monkeypatch.setattr(logprobs, "length_buckets", lambda lengths, **_: [[0, 5], [3, 2], [1, 4]])
+    _padded_or_packed(monkeypatch, tiny[0], packed)
+    if packed:
+        monkeypatch.setattr(logprobs, "PACKED_TRAINING_TOKENS", 5)
+        monkeypatch.setattr(logprobs, "ATTENTION_GROUP_OVERHEAD", 0)
+        passes = [[3, 2, 5], [0], [4], [1]]  # by length (0, 1, 2 | 3 | 4 | 5), at most 5 tokens a pass
+    else:
+        passes = [[0, 5], [3, 2], [1, 4]]
+        monkeypatch.setattr(logprobs, "length_buckets", lambda lengths, **_: passes)
     seen: list[list[int]] = []
 
     def loss_of(rows: list[int], lps: list[torch.Tensor]) -> torch.Tensor:
@@ -121,20 +149,23 @@ def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkey
         seen.clear()
         got = backward_target_logprobs(model, contexts, targets, list(range(6)), loss_of, 0.7)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        assert seen == [[0, 5], [3, 2], [1, 4]]
+        assert seen == passes
         assert abs(got - float(expected.detach())) < 1e-4
         assert grads.keys() == want.keys()
         assert all(torch.allclose(grads[k], want[k], atol=1e-4, rtol=1e-4) for k in want)
 
 
-def test_shared_context_gradients_are_bit_reproducible(tiny):
+@pytest.mark.parametrize("packed", [False, True])
+def test_shared_context_gradients_are_bit_reproducible(tiny, monkeypatch, packed):
     """Rows pick their shared context's KV cache with ``index_select``: ``t[rows]``'s backward sums the rows of
     a context with atomic adds on several threads once a tensor is large (here 8 rows x 2 heads x 400
     positions x 16), so three or more rows of a context in one bucket summed in a different order now and
-    then; ``index_select``'s backward sums them in a fixed order."""
+    then; ``index_select``'s backward sums them in a fixed order. Packed passes pick the context and the
+    padded slots of each attention group the same way."""
     from incentive.logprobs import backward_target_logprobs, length_buckets
 
     model = tiny[0]
+    _padded_or_packed(monkeypatch, model, packed)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 1000, (400,), generator=gen).tolist() for _ in range(2)]
     contexts = [p for p in prompts for _ in range(8)]
@@ -150,3 +181,47 @@ def test_shared_context_gradients_are_bit_reproducible(tiny):
         seen.add(b"".join(p.grad.numpy().tobytes() for p in model.parameters() if p.grad is not None))
     model.zero_grad()
     assert len(seen) == 1
+
+
+def test_packed_passes_fill_up_in_order_of_length():
+    context = logprobs._SharedContext.__new__(logprobs._SharedContext)
+    context.packed = object()  # any packed body: passes only look at whether there is one
+    lengths = [5, 2, 9, 0, 3, 4]
+    assert context.passes(lengths, 9) == [[3, 1, 4, 5], [0], [2]]  # 0+2+3+4 = 9, then 5, then 9
+    assert context.passes(lengths, 4) == [[3, 1], [4], [5], [0], [2]]  # a row over the cap goes alone
+    assert context.passes(lengths, None) == [[3, 1, 4, 5, 0, 2]]
+    assert context.passes([], 8) == []
+
+
+def test_packed_rows_layout_by_hand():
+    """Two rows (lengths 2 and 3) after contexts 1 and 0 of a left-padded [2 contexts, 3] mask, in one group of
+    width 3: slots pick packed tokens (row 0's third slot repeats its last token), ``unslot`` finds each token's
+    slot, and the mask shows the row's context then causal positions."""
+    context_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    rows = PackedRows.build([[7, 8], [4, 5, 6]], [3, 2], [1, 0], context_mask, [[0, 1]])
+    assert rows.ids.tolist() == [7, 8, 4, 5, 6]
+    assert rows.positions.tolist() == [3, 4, 2, 3, 4]
+    (group,) = rows.groups
+    assert group.width == 3 and group.owner.tolist() == [1, 0]
+    assert group.slots.tolist() == [0, 1, 1, 2, 3, 4]
+    assert rows.unslot.tolist() == [0, 1, 3, 4, 5]
+    assert group.mask.shape == (2, 1, 3, 6)
+    assert group.mask[0, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert group.mask[1, 0].int().tolist() == [[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    split = PackedRows.build([[7, 8], [4, 5, 6]], [3, 2], [1, 0], context_mask, [[1], [0]])
+    assert [g.width for g in split.groups] == [3, 2]
+    assert split.unslot.tolist() == [3, 4, 0, 1, 2]
+    with pytest.raises(ValueError, match="at least one target token"):
+        PackedRows.build([[7], []], [3, 2], [1, 0], context_mask, [[0, 1]])
+
+
+def test_packed_body_only_for_plain_llama_family_without_attention_dropout():
+    from incentive.models import load_model
+
+    model = load_model("tiny-random")
+    assert PackedBody.for_model(model) is not None
+    model.config.attention_dropout = 0.1
+    assert PackedBody.for_model(model) is None
+    model.config.attention_dropout = 0.0
+    model.config._attn_implementation = "eager"
+    assert PackedBody.for_model(model) is None

@@ -59,11 +59,17 @@ class FusedHead:
 
     def run(self, keep: int, **inputs: Any) -> tuple[Any, torch.Tensor]:
         ids = inputs.get("input_ids")
-        embeds = None if ids is None else embedding_in_place(self.body.get_input_embeddings(), ids)
-        if embeds is not None:
-            inputs = {**inputs, "input_ids": None, "inputs_embeds": embeds}
+        if ids is not None:
+            inputs = {**inputs, "input_ids": None, "inputs_embeds": self.embed(ids)}
         out = self.body(**inputs)
         return out.cache, out.last_hidden_state[:, -keep:]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The body's input embeddings of ``ids``, their weight gradient straight into ``.grad`` where
+        :func:`incentive.grad_in_place.embedding_in_place` applies."""
+        embedding = self.body.get_input_embeddings()
+        embeds = embedding_in_place(embedding, ids)
+        return embedding(ids) if embeds is None else embeds
 
     def logprobs(
         self, states: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float

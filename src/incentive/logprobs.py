@@ -18,7 +18,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from incentive.grad_in_place import gradients_in_place
-from incentive.lm_head import FusedHead, LogitsHead, head_for
+from incentive.lm_head import FusedHead, LogitsHead, head_for, target_logprobs_from_hidden
+from incentive.models.packed_body import PackedBody, PackedRows
 
 if TYPE_CHECKING:
     from incentive.engines.prefilled import PrefilledPrompts
@@ -29,6 +30,11 @@ BUCKET_OVERHEAD_TOKENS = 64
 # Target tokens (padded) of one training bucket at most: its activations are ~1.6 MB per token for the embedded
 # model, so 256 keeps a pass under ~0.4 GB.
 TRAINING_BUCKET_TOKENS = 256
+# Target tokens of one packed training pass at most (no padding is computed there; see
+# :mod:`incentive.models.packed_body`).
+PACKED_TRAINING_TOKENS = 1024
+# One more attention group of a packed pass costs about this many padded slots.
+ATTENTION_GROUP_OVERHEAD = 16
 
 
 def plan_batches(
@@ -128,14 +134,17 @@ def _shared_context_logprobs(
     buckets of similar length so little padding is computed (see :func:`length_buckets`). For training,
     :func:`backward_target_logprobs` keeps less alive at a time."""
     head = head_for(model)
-    context = _SharedContext(head, contexts, indices)
+    context = _SharedContext(head, contexts, indices, packed=_packed_body(model, head))
     result: list[torch.Tensor] = [torch.empty(0)] * len(indices)
-    for bucket in length_buckets([len(targets[i]) for i in indices]):
-        rows = [indices[k] for k in bucket]
-        logp = context.target_logprobs(head, rows, targets, temperature)
-        for row, (k, i) in enumerate(zip(bucket, rows, strict=True)):
-            result[k] = logp[row, : len(targets[i])]
+    for group in context.passes([len(targets[i]) for i in indices], None):
+        rows = [indices[k] for k in group]
+        for k, logp in zip(group, context.target_logprobs(head, rows, targets, temperature), strict=True):
+            result[k] = logp
     return result
+
+
+def _packed_body(model: PreTrainedModel, head: LogitsHead | FusedHead) -> PackedBody | None:
+    return PackedBody.for_model(model) if isinstance(head, FusedHead) else None
 
 
 def backward_target_logprobs(
@@ -182,15 +191,15 @@ def _backward_target_logprobs(
     if prefilled is not None and isinstance(head, FusedHead):
         take = functools.partial(prefilled.take, model)
     with torch.no_grad():
-        context = _SharedContext(head, contexts, indices, take)
+        context = _SharedContext(head, contexts, indices, take, _packed_body(model, head))
     leaves = [*_cache_tensors(context.cache), context.last]
     for leaf in leaves:
         leaf.requires_grad_(True)
     total = 0.0
-    for bucket in length_buckets([len(targets[i]) for i in indices], max_tokens=TRAINING_BUCKET_TOKENS):
-        rows = [indices[k] for k in bucket]
-        logp = context.target_logprobs(head, rows, targets, temperature)
-        loss = loss_of(rows, [logp[row, : len(targets[i])] for row, i in enumerate(rows)])
+    cap = TRAINING_BUCKET_TOKENS if context.packed is None else PACKED_TRAINING_TOKENS
+    for group in context.passes([len(targets[i]) for i in indices], cap):
+        rows = [indices[k] for k in group]
+        loss = loss_of(rows, context.target_logprobs(head, rows, targets, temperature))
         loss.backward()
         total += float(loss.detach())
     again = _SharedContext(head, contexts, indices)
@@ -213,14 +222,17 @@ class _SharedContext:
         contexts: Sequence[Sequence[int]],
         indices: Sequence[int],
         take: Callable[[list[tuple[int, ...]]], tuple[Cache, torch.Tensor] | None] | None = None,
+        packed: PackedBody | None = None,
     ) -> None:
         """``take`` may give the contexts' cache and last states as they would be computed here (see
-        :meth:`incentive.engines.prefilled.PrefilledPrompts.take`), in which case they are not run."""
+        :meth:`incentive.engines.prefilled.PrefilledPrompts.take`), in which case they are not run. With
+        ``packed``, targets run packed (:mod:`incentive.models.packed_body`), else right-padded."""
         order: dict[tuple[int, ...], int] = {}
         for i in indices:
             order.setdefault(tuple(contexts[i]), len(order))
         self.contexts = contexts
         self.order = order
+        self.packed = packed
         ids, self.mask, positions = left_padded(list(order))
         kept = take(list(order)) if take is not None else None
         if kept is not None:
@@ -230,15 +242,74 @@ class _SharedContext:
                 1, input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True
             )
 
+    def passes(self, lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:
+        """Positions of ``lengths`` (target lengths) grouped into passes of at most ``max_tokens`` target
+        tokens (a longer row alone): packed passes fill up in order of length; padded ones are length
+        buckets (:func:`length_buckets`), where ``max_tokens`` counts padding too."""
+        if self.packed is None:
+            return length_buckets(lengths, max_tokens=max_tokens)
+        passes: list[list[int]] = []
+        tokens = 0
+        for k in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+            if not passes or (max_tokens is not None and tokens + lengths[k] > max_tokens):
+                passes.append([])
+                tokens = 0
+            passes[-1].append(k)
+            tokens += lengths[k]
+        return passes
+
     def target_logprobs(
         self,
         head: LogitsHead | FusedHead,
         rows: Sequence[int],
         targets: Sequence[Sequence[int]],
         temperature: float,
+    ) -> list[torch.Tensor]:
+        """Per-token logprobs of each of ``rows``' targets on the contexts' cache and last states (which stay as
+        they are, for the next rows)."""
+        if self.packed is not None and isinstance(head, FusedHead) and any(targets[i] for i in rows):
+            return self._packed_logprobs(head, self.packed, rows, targets, temperature)
+        logp = self._padded_logprobs(head, rows, targets, temperature)
+        return [logp[row, : len(targets[i])] for row, i in enumerate(rows)]
+
+    def _packed_logprobs(
+        self,
+        head: FusedHead,
+        packed: PackedBody,
+        rows: Sequence[int],
+        targets: Sequence[Sequence[int]],
+        temperature: float,
+    ) -> list[torch.Tensor]:
+        """Targets laid end to end (empty ones left out); a token's state is the one before it in its row, or
+        its context's last state for a row's first token."""
+        kept = [row for row, i in enumerate(rows) if targets[i]]
+        picked = [rows[row] for row in kept]
+        lengths = [len(targets[i]) for i in picked]
+        owner = [self.order[tuple(self.contexts[i])] for i in picked]
+        groups = length_buckets(lengths, overhead=ATTENTION_GROUP_OVERHEAD)
+        layout = PackedRows.build(
+            [targets[i] for i in picked], [len(self.contexts[i]) for i in picked], owner, self.mask, groups
+        )
+        hidden = packed(head.embed(layout.ids), layout, _cache_kv(self.cache))
+        firsts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        before = torch.arange(len(layout.ids)) - 1
+        before[firsts] = len(layout.ids) + torch.arange(len(picked))
+        lasts = self.last[:, -1].index_select(0, torch.tensor(owner))
+        steps = torch.cat([hidden, lasts]).index_select(0, before)
+        logp = target_logprobs_from_hidden(steps, head.weight, layout.ids, temperature, head.onednn)
+        result = [logp.new_zeros(0) for _ in rows]
+        for row, part in zip(kept, logp.split(lengths), strict=True):
+            result[row] = part
+        return result
+
+    def _padded_logprobs(
+        self,
+        head: LogitsHead | FusedHead,
+        rows: Sequence[int],
+        targets: Sequence[Sequence[int]],
+        temperature: float,
     ) -> torch.Tensor:
-        """[rows, longest target] logprobs of ``rows``' targets (right-padded, 0 past each end) on the context's
-        cache and last states (which stay as they are, for the next rows). Rows pick their context with
+        """[rows, longest target] logprobs of ``rows``' targets, right-padded (0 past each end). Rows pick their context with
         ``index_select``: the backward pass of ``t[owner]`` adds the rows sharing a context with atomic float
         adds on several threads, in a different order each time (300 backward passes gave 103 different
         gradients); ``index_select``'s adds them in a fixed order."""
@@ -275,6 +346,11 @@ def _map_cache(cache: Cache, pick: Callable[[torch.Tensor], torch.Tensor]) -> Ca
 def _cache_tensors(cache: Cache) -> list[torch.Tensor]:
     """Keys and values of every layer of ``cache``, in a fixed order."""
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _cache_kv(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer of ``cache``."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def length_buckets(

@@ -30,16 +30,14 @@ from incentive.kernels import build, decode_attention, small_rows
 from incentive.kernels.swiglu import swiglu
 from incentive.models.fused_mlp import is_gated_silu_mlp
 from incentive.models.fused_norm import NORM_CLASSES
-
-_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
-_ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
+from incentive.models.llama_family import base_model, is_plain_llama_family
 
 
 class DecodeStep:
     """Logits of the next token for each row, given its last token, its position and its attention mask."""
 
     def __init__(self, model: PreTrainedModel) -> None:
-        base = _base(model)
+        base = base_model(model)
         self.body = base.model
         attention = self.body.layers[0].self_attn
         self.heads = base.config.num_attention_heads
@@ -55,23 +53,9 @@ class DecodeStep:
     @classmethod
     def for_model(cls, model: PreTrainedModel) -> DecodeStep | None:
         """The step where ``model`` is a plain Llama, Mistral or Qwen2 causal LM with full attention in every
-        layer and SDPA attention; None otherwise (the caller then runs the model's forward)."""
-        base = _base(model)
-        config = getattr(base, "config", None)
-        body = getattr(base, "model", None)
-        if config is None or body is None or not isinstance(getattr(base, "lm_head", None), torch.nn.Module):
-            return None
-        layers = getattr(body, "layers", None)
-        if not layers or config.model_type not in _MODEL_TYPES or config._attn_implementation != "sdpa":
-            return None
-        if config.model_type == "qwen2":
-            windowed = bool(getattr(config, "use_sliding_window", False))
-        else:
-            windowed = getattr(config, "sliding_window", None) is not None
-        kinds = getattr(config, "layer_types", None) or []
-        if windowed or any(kind != "full_attention" for kind in kinds):
-            return None
-        if any(type(layer.self_attn).__name__ not in _ATTENTION_CLASSES for layer in layers):
+        layer and SDPA attention (:func:`incentive.models.llama_family.is_plain_llama_family`); None otherwise
+        (the caller then runs the model's forward)."""
+        if not is_plain_llama_family(model):
             return None
         return cls(model)
 
@@ -248,7 +232,3 @@ class _GatedMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, -1)
         return self.down(swiglu(gate, up))
-
-
-def _base(model: PreTrainedModel) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

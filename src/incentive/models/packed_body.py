@@ -1,0 +1,151 @@
+"""A Llama-family body over packed rows: targets that continue cached contexts, their tokens laid end to end.
+
+Through the model's forward, the completions of a training batch ran right-padded in length buckets: on the
+benchmark workload 12 % of the completion tokens computed were padding, each bucket was a pass of its own
+(four or five, each with its fixed costs), and the products ran on a hundred to three hundred rows at a time.
+Here every projection, norm and MLP runs once on the real tokens only ([tokens, hidden]); only attention sees
+rows, gathered into padded [rows, heads, width, head_dim] groups of similar length next to each row's context
+keys and values, and scattered back. The modules are the model's own, called in the same order, and attention
+is SDPA on the key/value heads (``enable_gqa``), the arithmetic of transformers' SDPA path; values and gradients
+equal the padded forward's to fp32 rounding (tested).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+
+from incentive.models.llama_family import base_model, is_plain_llama_family
+
+
+@dataclass(frozen=True)
+class _AttentionGroup:
+    """Rows of similar length that attend together: ``slots`` [rows × width] picks each padded slot's packed
+    token (a row's slots past its end repeat its last token; causality keeps them out of the real queries'
+    reach and their outputs are never read), ``owner`` each row's context, ``mask`` [rows, 1, width, context +
+    width] what each slot sees."""
+
+    slots: torch.Tensor
+    owner: torch.Tensor
+    width: int
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Target rows laid end to end: ``ids`` and ``positions`` [tokens], ``lengths`` per row, the attention
+    groups, and ``unslot`` [tokens]: where each token's attention output sits among the groups' slots."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    lengths: list[int]
+    groups: list[_AttentionGroup]
+    unslot: torch.Tensor
+
+    @classmethod
+    def build(
+        cls,
+        targets: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        owner: Sequence[int],
+        context_mask: torch.Tensor,
+        groups: Sequence[Sequence[int]],
+    ) -> PackedRows:
+        """Rows ``targets`` (each non-empty) whose first token sits at position ``starts[row]`` after context
+        ``owner[row]`` (a row of the left-padded [contexts, width] ``context_mask``); ``groups`` partitions
+        the rows for attention."""
+        if any(not row for row in targets):
+            raise ValueError("packed rows need at least one target token each")
+        lengths = [len(row) for row in targets]
+        first = [0]
+        for length in lengths:
+            first.append(first[-1] + length)
+        ids = torch.tensor([token for row in targets for token in row], dtype=torch.long)
+        positions = torch.tensor([s + j for s, n in zip(starts, lengths, strict=True) for j in range(n)])
+        seen = context_mask.bool()
+        unslot = torch.empty(len(ids), dtype=torch.long)
+        built: list[_AttentionGroup] = []
+        offset = 0
+        for group in groups:
+            width = max(lengths[row] for row in group)
+            slots = torch.tensor([first[row] + min(j, lengths[row] - 1) for row in group for j in range(width)])
+            for k, row in enumerate(group):
+                unslot[first[row] : first[row + 1]] = offset + k * width + torch.arange(lengths[row])
+            picked = torch.tensor([owner[row] for row in group])
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            context = seen.index_select(0, picked)[:, None, :].expand(len(group), width, seen.shape[1])
+            mask = torch.cat([context, causal.expand(len(group), width, width)], dim=2)[:, None]
+            built.append(_AttentionGroup(slots, picked, width, mask))
+            offset += len(group) * width
+        return cls(ids, positions, lengths, built, unslot)
+
+
+class PackedBody:
+    """The body's final hidden states [tokens, hidden] of packed rows, given the embedded tokens and each
+    layer's context keys and values ([contexts, kv heads, context width, head dim], as a transformers cache
+    holds them after the contexts' forward)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.body = base_model(model).model
+        attention = self.body.layers[0].self_attn
+        self.rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = sys.modules[
+            type(attention).__module__
+        ].apply_rotary_pos_emb
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel) -> PackedBody | None:
+        """The packed body where ``model`` is a plain Llama-family model
+        (:func:`incentive.models.llama_family.is_plain_llama_family`) without attention dropout; None
+        otherwise (the caller then runs the padded forward)."""
+        if not is_plain_llama_family(model) or getattr(base_model(model).config, "attention_dropout", 0.0):
+            return None
+        return cls(model)
+
+    def __call__(
+        self, embeds: torch.Tensor, rows: PackedRows, context_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        cos, sin = self.body.rotary_emb(embeds[None], rows.positions[None])
+        cos, sin = cos[0], sin[0]
+        hidden = embeds
+        for layer, (keys, values) in zip(self.body.layers, context_kv, strict=True):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            shape = (len(x), -1, attention.head_dim)
+            q = attention.q_proj(x).view(shape)
+            k = attention.k_proj(x).view(shape)
+            v = attention.v_proj(x).view(shape)
+            q, k = self.rotary(q, k, cos, sin, unsqueeze_dim=1)
+            attended = torch.cat(
+                [_attend(group, q, k, v, keys, values, attention.scaling) for group in rows.groups]
+            ).index_select(0, rows.unslot)
+            hidden = hidden + attention.o_proj(attended)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.body.norm(hidden)
+
+
+def _attend(
+    group: _AttentionGroup,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context_keys: torch.Tensor,
+    context_values: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """[rows × width, heads × head dim] attention outputs of one group's slots."""
+    rows = len(group.owner)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, group.slots).view(rows, group.width, t.shape[1], t.shape[2]).transpose(1, 2)
+
+    keys = torch.cat([context_keys.index_select(0, group.owner), padded(k)], dim=2)
+    values = torch.cat([context_values.index_select(0, group.owner), padded(v)], dim=2)
+    out = F.scaled_dot_product_attention(
+        padded(q), keys, values, attn_mask=group.mask, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).reshape(rows * group.width, -1)

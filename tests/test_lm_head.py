@@ -10,13 +10,16 @@ from incentive.models import load_model
 from incentive.models.onednn import onednn_available
 
 
-@pytest.mark.parametrize("chunk", [256, 3])
+@pytest.mark.parametrize(
+    ("chunk", "kept"), [(256, 4), (3, 4), (3, 2)]
+)  # one chunk; 4 all kept; 2 of 4 made again
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("onednn", [False, True])
-def test_fused_logprobs_and_gradients_equal_full_log_softmax(monkeypatch, chunk, temperature, onednn):
+def test_fused_logprobs_and_gradients_equal_full_log_softmax(monkeypatch, chunk, kept, temperature, onednn):
     if onednn and not onednn_available():
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(lm_head, "CHUNK_POSITIONS", chunk)
+    monkeypatch.setattr(lm_head, "KEPT_CHUNKS", kept)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 16, generator=gen)
     weight = torch.randn(300, 16, generator=gen)
@@ -37,11 +40,12 @@ def test_fused_logprobs_and_gradients_equal_full_log_softmax(monkeypatch, chunk,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [256, 3])
-def test_a_second_backward_pass_makes_the_kept_logits_again(monkeypatch, chunk):
-    """The first backward pass turns the last chunk's kept logits into their gradient in place; a second one
-    (``retain_graph``) must recompute them, not reuse the overwritten tensor."""
+@pytest.mark.parametrize(("chunk", "kept"), [(256, 4), (3, 4), (3, 2)])
+def test_a_second_backward_pass_makes_the_kept_logits_again(monkeypatch, chunk, kept):
+    """The first backward pass turns the kept chunks' logits into their gradient in place; a second one
+    (``retain_graph``) must recompute them, not reuse the overwritten tensors."""
     monkeypatch.setattr(lm_head, "CHUNK_POSITIONS", chunk)
+    monkeypatch.setattr(lm_head, "KEPT_CHUNKS", kept)
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(10, 16, generator=gen, requires_grad=True)
     weight = torch.randn(300, 16, generator=gen, requires_grad=True)

@@ -23,6 +23,9 @@ from incentive.models.onednn import OneDNNLinear, matmul, onednn_linear
 # Model types whose logits are exactly lm_head(hidden state).
 PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3"})
 CHUNK_POSITIONS = 256
+# The last this many chunks' logits stay from the forward pass for the backward pass (<= 200 MB at a 49k
+# vocabulary): a packed training pass of up to 1024 targets then runs its head product once each way.
+KEPT_CHUNKS = 4
 
 
 class LogitsHead:
@@ -108,9 +111,9 @@ def target_logprobs_from_hidden(
 
 class _TargetLogprobs(torch.autograd.Function):
     """Logits chunk by chunk, each reduced to its tokens' logprobs (:mod:`incentive.kernels.log_softmax`). The
-    last chunk's logits are kept for the backward pass, which turns them into their gradient in place; the
-    other chunks are made again there. On the training path a bucket's targets fit one chunk, so its head
-    product runs once each way."""
+    last ``KEPT_CHUNKS`` chunks' logits are kept for the backward pass, which turns them into their gradient in
+    place; earlier chunks are made again there. On the training path a pass's targets fit the kept chunks, so
+    its head product runs once each way."""
 
     @staticmethod
     def forward(
@@ -123,12 +126,15 @@ class _TargetLogprobs(torch.autograd.Function):
     ) -> torch.Tensor:
         out = hidden.new_empty(hidden.shape[0])
         lse = hidden.new_empty(hidden.shape[0])
-        logits = None
-        for part in _chunks(hidden.shape[0]):
+        parts = _chunks(hidden.shape[0])
+        kept: list[torch.Tensor] = []
+        for k, part in enumerate(parts):
             logits = _logits(hidden[part], weight, onednn)
             out[part], lse[part] = target_log_softmax(logits, tokens[part], 1.0 / temperature)
+            if k >= len(parts) - KEPT_CHUNKS:
+                kept.append(logits)
         ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.kept = logits
+        ctx.kept = kept
         ctx.temperature = temperature
         ctx.onednn = onednn
         ctx.in_place = in_place_for(weight)
@@ -137,13 +143,12 @@ class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, tokens, lse = ctx.saved_tensors
-        kept, ctx.kept = ctx.kept, None  # overwritten below: a second backward pass makes it again
+        kept, ctx.kept = ctx.kept, []  # overwritten below: a second backward pass makes them again
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         d_hidden = torch.empty_like(hidden) if want_hidden else None
         d_weight: torch.Tensor | None = None
         for part in reversed(_chunks(hidden.shape[0])):
-            logits = kept if kept is not None else _logits(hidden[part], weight, ctx.onednn)
-            kept = None
+            logits = kept.pop() if kept else _logits(hidden[part], weight, ctx.onednn)
             d_logits = log_softmax_backward_(
                 logits, lse[part], tokens[part], grad[part], 1.0 / ctx.temperature
             )

@@ -195,24 +195,27 @@ def test_packed_passes_fill_up_in_order_of_length():
 
 def test_packed_rows_layout_by_hand():
     """Two rows (lengths 2 and 3) after contexts 1 and 0 of a left-padded [2 contexts, 3] mask, in one group of
-    width 3: slots pick packed tokens (row 0's third slot repeats its last token), ``unslot`` finds each token's
-    slot, and the mask shows the row's context then causal positions."""
+    width 3: ``slots`` places each packed token in the padded rows, and the mask shows the row's context then
+    causal positions."""
     context_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    rows = PackedRows.build([[7, 8], [4, 5, 6]], [3, 2], [1, 0], context_mask, [[0, 1]])
+    rows = PackedRows.build([[7, 8], [4, 5, 6]], [3, 2], [1, 0], context_mask, [2])
     assert rows.ids.tolist() == [7, 8, 4, 5, 6]
     assert rows.positions.tolist() == [3, 4, 2, 3, 4]
     (group,) = rows.groups
-    assert group.width == 3 and group.owner.tolist() == [1, 0]
-    assert group.slots.tolist() == [0, 1, 1, 2, 3, 4]
-    assert rows.unslot.tolist() == [0, 1, 3, 4, 5]
+    assert group.width == 3 and group.owner.tolist() == [1, 0] and group.tokens == slice(0, 5)
+    assert group.slots.tolist() == [0, 1, 3, 4, 5]
     assert group.mask.shape == (2, 1, 3, 6)
     assert group.mask[0, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
     assert group.mask[1, 0].int().tolist() == [[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
-    split = PackedRows.build([[7, 8], [4, 5, 6]], [3, 2], [1, 0], context_mask, [[1], [0]])
-    assert [g.width for g in split.groups] == [3, 2]
-    assert split.unslot.tolist() == [3, 4, 0, 1, 2]
+    split = PackedRows.build([[7, 8], [4, 5, 6]], [3, 2], [1, 0], context_mask, [1, 1])
+    assert [(g.width, g.tokens, g.slots.tolist()) for g in split.groups] == [
+        (2, slice(0, 2), [0, 1]),
+        (3, slice(2, 5), [0, 1, 2]),
+    ]
     with pytest.raises(ValueError, match="at least one target token"):
-        PackedRows.build([[7], []], [3, 2], [1, 0], context_mask, [[0, 1]])
+        PackedRows.build([[7], []], [3, 2], [1, 0], context_mask, [2])
+    with pytest.raises(ValueError, match="do not cover 2 rows"):
+        PackedRows.build([[7], [8]], [3, 2], [1, 0], context_mask, [1])
 
 
 def test_packed_body_only_for_plain_llama_family_without_attention_dropout():

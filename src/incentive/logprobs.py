@@ -282,13 +282,18 @@ class _SharedContext:
     ) -> list[torch.Tensor]:
         """Targets laid end to end (empty ones left out); a token's state is the one before it in its row, or
         its context's last state for a row's first token."""
-        kept = [row for row, i in enumerate(rows) if targets[i]]
+        nonempty = [row for row, i in enumerate(rows) if targets[i]]
+        groups = length_buckets([len(targets[rows[r]]) for r in nonempty], overhead=ATTENTION_GROUP_OVERHEAD)
+        kept = [nonempty[k] for group in groups for k in group]  # laid out group by group
         picked = [rows[row] for row in kept]
         lengths = [len(targets[i]) for i in picked]
         owner = [self.order[tuple(self.contexts[i])] for i in picked]
-        groups = length_buckets(lengths, overhead=ATTENTION_GROUP_OVERHEAD)
         layout = PackedRows.build(
-            [targets[i] for i in picked], [len(self.contexts[i]) for i in picked], owner, self.mask, groups
+            [targets[i] for i in picked],
+            [len(self.contexts[i]) for i in picked],
+            owner,
+            self.mask,
+            [len(group) for group in groups],
         )
         hidden = packed(head.embed(layout.ids), layout, _cache_kv(self.cache))
         firsts = torch.tensor([0, *lengths[:-1]]).cumsum(0)

@@ -25,11 +25,12 @@ from incentive.models.llama_family import base_model, is_plain_llama_family
 
 @dataclass(frozen=True)
 class _AttentionGroup:
-    """Rows of similar length that attend together: ``slots`` [rows × width] picks each padded slot's packed
-    token (a row's slots past its end repeat its last token; causality keeps them out of the real queries'
-    reach and their outputs are never read), ``owner`` each row's context, ``mask`` [rows, 1, width, context +
-    width] what each slot sees."""
+    """Consecutive rows of similar length that attend together: their tokens are ``tokens`` of the packed
+    ones, ``slots`` [their tokens] places each in the padded [rows × width] layout (a row's slots past its end
+    stay zero: causality keeps them out of the real queries' reach and their outputs are never read),
+    ``owner`` gives each row's context and ``mask`` [rows, 1, width, context + width] what each slot sees."""
 
+    tokens: slice
     slots: torch.Tensor
     owner: torch.Tensor
     width: int
@@ -38,14 +39,13 @@ class _AttentionGroup:
 
 @dataclass(frozen=True)
 class PackedRows:
-    """Target rows laid end to end: ``ids`` and ``positions`` [tokens], ``lengths`` per row, the attention
-    groups, and ``unslot`` [tokens]: where each token's attention output sits among the groups' slots."""
+    """Target rows laid end to end: ``ids`` and ``positions`` [tokens], ``lengths`` per row and the attention
+    groups (consecutive runs of rows)."""
 
     ids: torch.Tensor
     positions: torch.Tensor
     lengths: list[int]
     groups: list[_AttentionGroup]
-    unslot: torch.Tensor
 
     @classmethod
     def build(
@@ -54,35 +54,32 @@ class PackedRows:
         starts: Sequence[int],
         owner: Sequence[int],
         context_mask: torch.Tensor,
-        groups: Sequence[Sequence[int]],
+        group_sizes: Sequence[int],
     ) -> PackedRows:
         """Rows ``targets`` (each non-empty) whose first token sits at position ``starts[row]`` after context
-        ``owner[row]`` (a row of the left-padded [contexts, width] ``context_mask``); ``groups`` partitions
-        the rows for attention."""
+        ``owner[row]`` (a row of the left-padded [contexts, width] ``context_mask``); the first
+        ``group_sizes[0]`` rows attend together, then the next ``group_sizes[1]``, and so on."""
         if any(not row for row in targets):
             raise ValueError("packed rows need at least one target token each")
+        if sum(group_sizes) != len(targets) or min(group_sizes, default=1) < 1:
+            raise ValueError(f"attention groups of {list(group_sizes)} rows do not cover {len(targets)} rows")
         lengths = [len(row) for row in targets]
-        first = [0]
-        for length in lengths:
-            first.append(first[-1] + length)
         ids = torch.tensor([token for row in targets for token in row], dtype=torch.long)
         positions = torch.tensor([s + j for s, n in zip(starts, lengths, strict=True) for j in range(n)])
         seen = context_mask.bool()
-        unslot = torch.empty(len(ids), dtype=torch.long)
-        built: list[_AttentionGroup] = []
-        offset = 0
-        for group in groups:
-            width = max(lengths[row] for row in group)
-            slots = torch.tensor([first[row] + min(j, lengths[row] - 1) for row in group for j in range(width)])
-            for k, row in enumerate(group):
-                unslot[first[row] : first[row + 1]] = offset + k * width + torch.arange(lengths[row])
-            picked = torch.tensor([owner[row] for row in group])
+        groups: list[_AttentionGroup] = []
+        row = token = 0
+        for size in group_sizes:
+            members = range(row, row + size)
+            width = max(lengths[r] for r in members)
+            slots = torch.cat([k * width + torch.arange(lengths[r]) for k, r in enumerate(members)])
+            picked = torch.tensor([owner[r] for r in members])
             causal = torch.ones(width, width, dtype=torch.bool).tril()
-            context = seen.index_select(0, picked)[:, None, :].expand(len(group), width, seen.shape[1])
-            mask = torch.cat([context, causal.expand(len(group), width, width)], dim=2)[:, None]
-            built.append(_AttentionGroup(slots, picked, width, mask))
-            offset += len(group) * width
-        return cls(ids, positions, lengths, built, unslot)
+            context = seen.index_select(0, picked)[:, None, :].expand(size, width, seen.shape[1])
+            mask = torch.cat([context, causal.expand(size, width, width)], dim=2)[:, None]
+            groups.append(_AttentionGroup(slice(token, token + len(slots)), slots, picked, width, mask))
+            row, token = row + size, token + len(slots)
+        return cls(ids, positions, lengths, groups)
 
 
 class PackedBody:
@@ -122,7 +119,7 @@ class PackedBody:
             q, k = self.rotary(q, k, cos, sin, unsqueeze_dim=1)
             attended = torch.cat(
                 [_attend(group, q, k, v, keys, values, attention.scaling) for group in rows.groups]
-            ).index_select(0, rows.unslot)
+            )
             hidden = hidden + attention.o_proj(attended)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.body.norm(hidden)
@@ -137,15 +134,18 @@ def _attend(
     context_values: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """[rows × width, heads × head dim] attention outputs of one group's slots."""
+    """[group's tokens, heads × head dim] attention outputs of one group. Tokens go into the padded layout with
+    ``index_copy_`` (its backward pass gathers their gradients) and come back with ``index_select``."""
     rows = len(group.owner)
 
     def padded(t: torch.Tensor) -> torch.Tensor:
-        return t.index_select(0, group.slots).view(rows, group.width, t.shape[1], t.shape[2]).transpose(1, 2)
+        part = t[group.tokens]
+        slots = part.new_zeros(rows * group.width, *part.shape[1:]).index_copy_(0, group.slots, part)
+        return slots.view(rows, group.width, *part.shape[1:]).transpose(1, 2)
 
     keys = torch.cat([context_keys.index_select(0, group.owner), padded(k)], dim=2)
     values = torch.cat([context_values.index_select(0, group.owner), padded(v)], dim=2)
     out = F.scaled_dot_product_attention(
         padded(q), keys, values, attn_mask=group.mask, scale=scaling, enable_gqa=True
     )
-    return out.transpose(1, 2).reshape(rows * group.width, -1)
+    return out.transpose(1, 2).reshape(rows * group.width, -1).index_select(0, group.slots)

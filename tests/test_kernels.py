@@ -1,5 +1,5 @@
-"""The kernels: the numbers of F.linear, SDPA, SwiGLU, log-softmax and RMSNorm to fp32 rounding, hand-computed
-cases, determinism, and a clean fallback where they cannot be built."""
+"""The kernels: the numbers of F.linear, SDPA, SwiGLU, log-softmax, RMSNorm (to fp32 rounding) and rotary
+embedding (exactly), hand-computed cases, determinism, and a clean fallback where they cannot be built."""
 
 import logging
 import math
@@ -472,3 +472,67 @@ def test_sampling_rejects_what_it_does_not_compute():
         sample(torch.zeros(2, 5), 0.0, torch.zeros(2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"float32 CPU logits \[rows, vocabulary\]"):
         sample(torch.zeros(2, 5, dtype=torch.float64), 1.0, torch.zeros(2, dtype=torch.float64))
+
+
+@needs_kernel
+def test_rotary_hand_computed():
+    """head_dim 4: x = [x1, x2] with halves [1, 2] and [3, 4]; forward [x1 c1 - x2 s1, x2 c2 + x1 s2]."""
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    cos = torch.tensor([[0.5, 1.0, 0.5, 1.0]])
+    sin = torch.tensor([[2.0, 0.0, 2.0, 0.0]])
+    assert op("rotary_forward")(x, cos, sin).tolist() == [[[0.5 - 6.0, 2.0, 1.5 + 2.0, 4.0]]]
+    assert op("rotary_backward")(x, cos, sin).tolist() == [[[0.5 + 6.0, 2.0, 1.5 - 2.0, 4.0]]]
+
+
+@needs_kernel
+@pytest.mark.parametrize(("tokens", "dim"), [(37, 64), (5, 40), (3, 2), (70, 128)])
+def test_rotary_equals_transformers_bit_for_bit(tokens, dim):
+    """Values and gradients of q and k (9 and 3 heads) equal ``apply_rotary_pos_emb``'s exactly, with head
+    dims whose halves fill 16 lanes, leave a tail, or are a single lane."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from incentive.kernels.rotary import rotary
+
+    gen = torch.Generator().manual_seed(tokens * dim)
+    q = torch.randn(tokens, 9, dim, generator=gen, requires_grad=True)
+    k = torch.randn(tokens, 3, dim, generator=gen, requires_grad=True)
+    cos, sin = torch.randn(tokens, dim, generator=gen), torch.randn(tokens, dim, generator=gen)
+    upstream = [torch.randn(tokens, 9, dim, generator=gen), torch.randn(tokens, 3, dim, generator=gen)]
+    want = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    got = rotary(q, k, cos, sin, apply_rotary_pos_emb)
+    for a, b in zip(
+        [*want, *torch.autograd.grad(want, [q, k], upstream)],
+        [*got, *torch.autograd.grad(got, [q, k], upstream)],
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
+def test_rotary_falls_back_to_the_models_function(monkeypatch):
+    from incentive.kernels.rotary import rotary
+
+    calls = []
+
+    def fallback(q, k, cos, sin, unsqueeze_dim):
+        calls.append(unsqueeze_dim)
+        return q, k
+
+    q, k, table = torch.ones(2, 3, 4), torch.ones(2, 1, 4), torch.ones(2, 4)
+    rotary(q, k, table, table.clone().requires_grad_(True), fallback)  # a trained table: autograd's way
+    rotary(q.double(), k.double(), table.double(), table.double(), fallback)
+    monkeypatch.setattr(build, "ops_for", lambda *tensors: None)
+    rotary(q, k, table, table, fallback)
+    assert calls == [1, 1, 1]
+
+
+@needs_kernel
+def test_rotary_rejects_what_it_does_not_compute():
+    x, table = torch.ones(2, 3, 4), torch.ones(2, 4)
+    with pytest.raises(RuntimeError, match=r"\[tokens, heads, head_dim\]"):
+        op("rotary_forward")(torch.ones(2, 4), table, table)
+    with pytest.raises(RuntimeError, match="odd head_dim"):
+        op("rotary_forward")(torch.ones(2, 3, 5), torch.ones(2, 5), torch.ones(2, 5))
+    with pytest.raises(RuntimeError, match=r"cos and sin must be \[tokens, head_dim\]"):
+        op("rotary_forward")(x, torch.ones(3, 4), torch.ones(3, 4))
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        op("rotary_backward")(x.double(), table.double(), table.double())

@@ -36,6 +36,7 @@ SOURCES = tuple(
         "decode_layer.cpp",
         "rms_norm.cpp",
         "sampling.cpp",
+        "rotary.cpp",
     )
 )
 HEADERS = (FOLDER / "vector_math.h", FOLDER / "kernels.h")

@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
+from incentive.kernels.rotary import rotary
 from incentive.models.llama_family import base_model, is_plain_llama_family
 
 
@@ -116,7 +117,7 @@ class PackedBody:
             q = attention.q_proj(x).view(shape)
             k = attention.k_proj(x).view(shape)
             v = attention.v_proj(x).view(shape)
-            q, k = self.rotary(q, k, cos, sin, unsqueeze_dim=1)
+            q, k = rotary(q, k, cos, sin, self.rotary)
             attended = torch.cat(
                 [_attend(group, q, k, v, keys, values, attention.scaling) for group in rows.groups]
             )

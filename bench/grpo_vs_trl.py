@@ -11,7 +11,9 @@ TRL gets the model as transformers loads it (default kernels); incentive its own
 The first step of every run is warm-up and is left out of the medians. A generation-only comparison at batch
 16 (the same prompts, 4 samples each) pits incentive's engine against plain HF ``generate``. Writes
 bench/results/grpo_vs_trl.json and .md with ratios (TRL / incentive for time and memory, incentive / TRL for
-throughput) and utilisation: model FLOPs per second over the best fp32 matmul rate measured here.
+throughput) and utilisation: model FLOPs per second over the best fp32 matmul rate measured here (before the
+first run and after each variant's runs: the rate of a shared VM drifts by the hour, and the best one measured
+is the strictest yardstick).
 With ``--sampling-dtype bfloat16`` incentive samples from a bf16 copy of the policy (``generation.sampling_dtype``)
 and HF ``generate`` runs a bf16 model; TRL's trainer samples with its fp32 training model as always. Those results
 go to grpo_vs_trl_bfloat16.{json,md}.
@@ -297,6 +299,17 @@ def summarize(runs: list[dict], variant: str, rate: float) -> dict:
     return out
 
 
+def baseline_name(variant: str) -> str:
+    return "HF generate" if variant == "generation" else "TRL"
+
+
+def measured_matmul_rates(when: str) -> dict:
+    """:func:`matmul_gflops` now, printed and labelled with ``when``."""
+    rates = matmul_gflops()
+    print(f"[bench] fp32 matmul GFLOP/s {when}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    return {"when": when, **rates}
+
+
 def ratios(trl: dict, inc: dict) -> dict[str, float]:
     """TRL / incentive for time and memory, incentive / TRL for throughput."""
     out = {
@@ -373,13 +386,10 @@ def main() -> None:
         tool, variant, steps, out = args.child
         child(tool, variant, int(steps), Path(out), args.sampling_dtype)
         return
-    rates = matmul_gflops()
-    rate = max(rates.values())
-    print("[bench] fp32 matmul GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    rates = [measured_matmul_rates("before the runs")]
     results: dict = {
         "machine": {
             "matmul_gflops": rates,
-            "utilisation_denominator_gflops": rate,
             "cpu_threads": __import__("torch").get_num_threads(),
         },
         "workload": {
@@ -393,10 +403,11 @@ def main() -> None:
         "variants": {},
     }
     progress = Progress("bench", len(args.variants) * args.reps * 2)
+    raws: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:
             raw: dict[str, list[dict]] = {"trl": [], "incentive": []}
-            baseline = "HF generate" if variant == "generation" else "TRL"
+            baseline = baseline_name(variant)
             for rep in range(args.reps):
                 for tool in ("trl", "incentive"):
                     out = Path(tmp) / f"{tool}-{variant}-{rep}.json"
@@ -411,14 +422,19 @@ def main() -> None:
                         cwd=ROOT,
                     )
                     raw[tool].append(json.loads(out.read_text()))
-            trl, inc = summarize(raw["trl"], variant, rate), summarize(raw["incentive"], variant, rate)
-            results["variants"][variant] = {
-                "baseline": baseline,
-                "trl": trl,
-                "incentive": inc,
-                "raw": raw,
-                "ratios": ratios(trl, inc),
-            }
+            raws[variant] = raw
+            rates.append(measured_matmul_rates(f"after {variant}"))
+    rate = max(r for sample in rates for name, r in sample.items() if name != "when")
+    results["machine"]["utilisation_denominator_gflops"] = rate
+    for variant, raw in raws.items():
+        trl, inc = summarize(raw["trl"], variant, rate), summarize(raw["incentive"], variant, rate)
+        results["variants"][variant] = {
+            "baseline": baseline_name(variant),
+            "trl": trl,
+            "incentive": inc,
+            "raw": raw,
+            "ratios": ratios(trl, inc),
+        }
     target = ROOT / "bench" / "results"
     target.mkdir(parents=True, exist_ok=True)
     name = "grpo_vs_trl" if args.sampling_dtype == "float32" else f"grpo_vs_trl_{args.sampling_dtype}"

@@ -4,8 +4,8 @@ Through the model's forward, the completions of a training batch ran right-padde
 benchmark workload 12 % of the completion tokens computed were padding, each bucket was a pass of its own
 (four or five, each with its fixed costs), and the products ran on a hundred to three hundred rows at a time.
 Here every projection, norm and MLP runs once on the real tokens only ([tokens, hidden]); only attention sees
-rows, gathered into padded [rows, heads, width, head_dim] groups of similar length next to each row's context
-keys and values, and scattered back. The modules are the model's own, called in the same order, and attention
+rows, copied into padded [rows, heads, width, head_dim] groups of similar length next to each row's context
+keys and values, and gathered back. The modules are the model's own, called in the same order, and attention
 is SDPA on the key/value heads (``enable_gqa``), the arithmetic of transformers' SDPA path; values and gradients
 equal the padded forward's to fp32 rounding (tested).
 """
@@ -91,7 +91,7 @@ class PackedBody:
     def __init__(self, model: PreTrainedModel) -> None:
         self.body = base_model(model).model
         attention = self.body.layers[0].self_attn
-        self.rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = sys.modules[
+        self.apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = sys.modules[
             type(attention).__module__
         ].apply_rotary_pos_emb
 
@@ -117,7 +117,7 @@ class PackedBody:
             q = attention.q_proj(x).view(shape)
             k = attention.k_proj(x).view(shape)
             v = attention.v_proj(x).view(shape)
-            q, k = rotary(q, k, cos, sin, self.rotary)
+            q, k = rotary(q, k, cos, sin, self.apply_rotary)
             attended = torch.cat(
                 [_attend(group, q, k, v, keys, values, attention.scaling) for group in rows.groups]
             )

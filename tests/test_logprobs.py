@@ -228,3 +228,42 @@ def test_packed_body_only_for_plain_llama_family_without_attention_dropout():
     model.config.attention_dropout = 0.0
     model.config._attn_implementation = "eager"
     assert PackedBody.for_model(model) is None
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_packed_path_equals_padded_for_the_other_llama_families(monkeypatch, family):
+    """Qwen2 (biased q/k/v) and Mistral run packed too: loss and gradients equal the padded buckets' path."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    from incentive.logprobs import backward_target_logprobs
+
+    sizes = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+    if family == "qwen2":
+        config = Qwen2Config(**sizes, **heads)
+    else:
+        config = MistralConfig(**sizes, **heads, sliding_window=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert PackedBody.for_model(model) is not None
+    gen = torch.Generator().manual_seed(5)
+    c1, c2 = (torch.randint(0, 300, (n,), generator=gen).tolist() for n in (6, 3))
+    contexts = [c1, c2, c1, c2]
+    targets = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (4, 2, 5, 1)]
+    results = []
+    for packed in (True, False):
+        if not packed:
+            monkeypatch.setattr(logprobs, "_packed_body", lambda model, head: None)
+        model.zero_grad()
+        loss = backward_target_logprobs(
+            model,
+            contexts,
+            targets,
+            range(4),
+            lambda rows, lps: sum((lp * (1 + r)).sum() for r, lp in zip(rows, lps, strict=True)),
+        )
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (packed_loss, packed_grads), (padded_loss, padded_grads) = results
+    assert abs(packed_loss - padded_loss) < 1e-4
+    assert packed_grads.keys() == padded_grads.keys()
+    assert all(torch.allclose(packed_grads[k], padded_grads[k], atol=1e-5, rtol=1e-4) for k in padded_grads)

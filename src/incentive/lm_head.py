@@ -127,11 +127,12 @@ class _TargetLogprobs(torch.autograd.Function):
         out = hidden.new_empty(hidden.shape[0])
         lse = hidden.new_empty(hidden.shape[0])
         parts = _chunks(hidden.shape[0])
+        first_kept = len(parts) - KEPT_CHUNKS if any(ctx.needs_input_grad[:2]) else len(parts)
         kept: list[torch.Tensor] = []
         for k, part in enumerate(parts):
             logits = _logits(hidden[part], weight, onednn)
             out[part], lse[part] = target_log_softmax(logits, tokens[part], 1.0 / temperature)
-            if k >= len(parts) - KEPT_CHUNKS:
+            if k >= first_kept:
                 kept.append(logits)
         ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.kept = kept

@@ -218,7 +218,7 @@ def test_packed_rows_layout_by_hand():
         PackedRows.build([[7], [8]], [3, 2], [1, 0], context_mask, [1])
 
 
-def test_packed_body_only_for_plain_llama_family_without_attention_dropout():
+def test_packed_body_only_for_plain_llama_family_without_attention_dropout_or_checkpointing():
     from incentive.models import load_model
 
     model = load_model("tiny-random")
@@ -226,6 +226,10 @@ def test_packed_body_only_for_plain_llama_family_without_attention_dropout():
     model.config.attention_dropout = 0.1
     assert PackedBody.for_model(model) is None
     model.config.attention_dropout = 0.0
+    model.gradient_checkpointing_enable()
+    assert PackedBody.for_model(model) is None
+    model.gradient_checkpointing_disable()
+    assert PackedBody.for_model(model) is not None
     model.config._attn_implementation = "eager"
     assert PackedBody.for_model(model) is None
 

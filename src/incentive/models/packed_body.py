@@ -98,9 +98,12 @@ class PackedBody:
     @classmethod
     def for_model(cls, model: PreTrainedModel) -> PackedBody | None:
         """The packed body where ``model`` is a plain Llama-family model
-        (:func:`incentive.models.llama_family.is_plain_llama_family`) without attention dropout; None
-        otherwise (the caller then runs the padded forward)."""
+        (:func:`incentive.models.llama_family.is_plain_llama_family`) without attention dropout or gradient
+        checkpointing (its layers' own call does that); None otherwise (the caller then runs the padded
+        forward)."""
         if not is_plain_llama_family(model) or getattr(base_model(model).config, "attention_dropout", 0.0):
+            return None
+        if any(getattr(layer, "gradient_checkpointing", False) for layer in base_model(model).model.layers):
             return None
         return cls(model)
 

@@ -7,16 +7,24 @@ Run on a machine with a CUDA GPU, after `pip install 'incentive[vllm]'` (vLLM br
 Checks (the same as the GPU tests in tests/test_vllm_engine.py): greedy vLLM output equals HF ``generate`` token
 for token on the tiny random model and on the embedded SmolLM2-135M; sampled tokens' logprobs at temperature
 0.7 equal the HF model's teacher-forced ones; after optimizer steps (full fine-tune, and a LoRA adapter served
-unmerged) greedy vLLM output equals the updated HF model's. Then tokens/s at batch 16 (4 prompts x 4 samples,
-<= 64 new tokens, temperature 1) with the embedded model: vLLM on the GPU against the cached engine where this
-project runs it (fp32 on the CPU). On a machine without vLLM or a CUDA GPU it says so and exits with status 2.
+unmerged) greedy vLLM output equals the updated HF model's. Then, with the embedded model: vLLM's tokens/s at
+batch 16 (4 prompts x 4 samples, <= 64 new tokens, temperature 1) and at batch 256, and the time one full weight
+push takes. Each of the three parts (tiny, lora, embedded) runs in its own process with its own time limit, so a
+vLLM instance's GPU memory goes with its process and one failing part still leaves the others' results.
+The policy stays on the CPU, where this project trains it; vLLM holds its copy on the GPU.
+On a machine without vLLM or a CUDA GPU it says so and exits with status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
+import random
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +32,7 @@ from typing import Any
 import torch
 
 from incentive.config import TemplateConfig, VLLMConfig
-from incentive.data import DataConfig, load_examples
+from incentive.data.example import Example
 from incentive.engines import ENGINES, Engine, SamplingParams, VLLMEngine
 from incentive.engines.vllm import VLLMUnavailable, require_vllm
 from incentive.models import load_model, load_tokenizer
@@ -32,13 +40,22 @@ from incentive.run import build_template
 
 OUT = Path(__file__).resolve().parent / "results" / "vllm_check.json"
 OPTIONS = VLLMConfig(gpu_memory_utilization=0.15, max_model_len=1024)
+"""The embedded part's settings: compiled with CUDA graphs, as a run would use it."""
+EAGER = OPTIONS.model_copy(update={"enforce_eager": True})
+"""The tiny parts' settings: eager, since they check tokens rather than time them."""
 PROMPTS, SAMPLES, NEW_TOKENS = 4, 4, 64
+PART_SECONDS = {"tiny": 180, "lora": 180, "embedded": 360}
 
 
-def workload(tokenizer: Any, n: int = PROMPTS) -> tuple[list, list[str]]:
-    """``n`` chain-sum examples and their prompts (the benchmark workload's data)."""
-    cfg = DataConfig(source="task:chain_sum", size=n, seed=0, task_args={"min_terms": 2, "max_terms": 3})
-    examples = load_examples(cfg).examples
+def workload(tokenizer: Any, n: int = PROMPTS, seed: int = 0) -> tuple[list[Example], list[str]]:
+    """``n`` chain-sum questions (2-3 terms of 1-2 digits, as the benchmark's data) and their rendered prompts,
+    written here so that the GPU machine needs no task library."""
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        terms = [rng.randint(1, 99) for _ in range(rng.randint(2, 3))]
+        question = f"What is {' + '.join(map(str, terms))}? Give only the result."
+        examples.append(Example(prompt=question, reference=str(sum(terms)), id=f"sum-{i}"))
     template = build_template(TemplateConfig())
     return examples, [template.render(e, tokenizer) for e in examples]
 
@@ -95,7 +112,7 @@ def check_tiny() -> dict[str, Any]:
     """Tiny model, full fine-tune: greedy equality, logprobs, and greedy equality after an update."""
     tokenizer, model = load_tokenizer("tiny-random"), load_model("tiny-random")
     examples, prompts = workload(tokenizer)
-    hf, engine = ENGINES.get("hf")(model, tokenizer), VLLMEngine(model, tokenizer, options=OPTIONS)
+    hf, engine = ENGINES.get("hf")(model, tokenizer), VLLMEngine(model, tokenizer, options=EAGER)
     out = {"greedy": compare(engine, hf, examples, prompts)}
     out["logprob_max_abs_error"] = logprob_error(engine, model, examples, prompts)
     before = greedy(hf, examples, prompts)
@@ -117,45 +134,78 @@ def check_lora() -> dict[str, Any]:
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"])
     policy = get_peft_model(load_model("tiny-random"), lora)
     examples, prompts = workload(tokenizer)
-    hf, engine = ENGINES.get("hf")(policy, tokenizer), VLLMEngine(policy, tokenizer, options=OPTIONS)
+    hf, engine = ENGINES.get("hf")(policy, tokenizer), VLLMEngine(policy, tokenizer, options=EAGER)
     out = {"greedy": compare(engine, hf, examples, prompts)}
-    step_towards(policy, 42, lr=2.0, steps=3)
+    before = greedy(hf, examples, prompts)
+    step_towards(policy, 42, lr=5.0, steps=3)
     engine.weights_changed()
-    out["after_update"] = compare(engine, hf, examples, prompts)
-    return out
-
-
-def tokens_per_second(engine: Engine, examples: list, prompts: list[str], reps: int) -> dict[str, float]:
-    """Median tokens/s over ``reps`` timed batches after one warm-up batch."""
-    params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0)
-    engine.generate(examples, prompts, list(range(len(prompts))), params)
-    rates = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        batch = engine.generate(examples, prompts, list(range(len(prompts))), params)
-        rates.append(sum(c.length for c in batch) / (time.perf_counter() - start))
-    return {"tokens_per_s": sorted(rates)[len(rates) // 2], "reps": float(reps)}
-
-
-def check_embedded() -> dict[str, Any]:
-    """Embedded model: greedy equality with HF, then vLLM's and the cached engine's speed at batch 16."""
-    tokenizer, model = load_tokenizer("embedded"), load_model("embedded")
-    examples, prompts = workload(tokenizer, PROMPTS)
-    hf, engine = ENGINES.get("hf")(model, tokenizer), VLLMEngine(model, tokenizer, options=OPTIONS)
-    out: dict[str, Any] = {"greedy": compare(engine, hf, examples, prompts, 40)}
-    vllm_speed = tokens_per_second(engine, examples, prompts, reps=5)
-    cached_speed = tokens_per_second(ENGINES.get("cached")(model, tokenizer), examples, prompts, reps=3)
-    out["throughput_batch16"] = {
-        "vllm_gpu": vllm_speed,
-        "cached_cpu": cached_speed,
-        "ratio_vllm_over_cached": vllm_speed["tokens_per_s"] / cached_speed["tokens_per_s"],
+    out["after_update"] = {
+        **compare(engine, hf, examples, prompts),
+        "hf_changed": greedy(hf, examples, prompts) != before,
     }
     return out
 
 
+def tokens_per_second(engine: Engine, examples: list, prompts: list[str], reps: int) -> dict[str, float]:
+    """Median tokens/s over ``reps`` timed batches of ``SAMPLES`` per prompt after one warm-up batch."""
+    params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0)
+    groups = list(range(len(prompts)))
+    engine.generate(examples, prompts, groups, params)
+    rates = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        batch = engine.generate(examples, prompts, groups, params)
+        rates.append(sum(c.length for c in batch) / (time.perf_counter() - start))
+    return {"tokens_per_s": sorted(rates)[len(rates) // 2], "batch": len(prompts) * SAMPLES, "reps": reps}
+
+
+def check_embedded() -> dict[str, Any]:
+    """Embedded model: greedy equality with HF, vLLM's speed at batch 16 and 256, one full weight push."""
+    tokenizer, model = load_tokenizer("embedded"), load_model("embedded")
+    examples, prompts = workload(tokenizer)
+    hf, engine = ENGINES.get("hf")(model, tokenizer), VLLMEngine(model, tokenizer, options=OPTIONS)
+    out: dict[str, Any] = {"greedy": compare(engine, hf, examples, prompts, 40)}
+    many_examples, many_prompts = workload(tokenizer, 64, seed=1)
+    out["throughput"] = {
+        "batch16": tokens_per_second(engine, examples, prompts, reps=5),
+        "batch256": tokens_per_second(engine, many_examples, many_prompts, reps=3),
+    }
+    engine.weights_changed()
+    start = time.perf_counter()
+    engine.sync_weights()
+    out["full_weight_push_s"] = time.perf_counter() - start
+    out["after_push"] = compare(engine, hf, examples, prompts, 40)
+    return out
+
+
+PARTS = {"tiny": check_tiny, "lora": check_lora, "embedded": check_embedded}
+
+
+def run_part(name: str) -> dict[str, Any]:
+    """One part in a child process under its time limit: its results, or how it failed (exit status, the
+    end of its output)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Path(scratch) / "part.json"
+        command = [sys.executable, __file__, "--part", name, "--result", str(result)]
+        start = time.perf_counter()
+        try:
+            child = subprocess.run(command, capture_output=True, text=True, timeout=PART_SECONDS[name])
+        except subprocess.TimeoutExpired as err:
+            tail = (err.stderr or b"")[-4000:]
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            return {"error": f"timed out after {PART_SECONDS[name]} s", "log_tail": tail}
+        seconds = time.perf_counter() - start
+        print(f"[vllm_check] {name}: exit {child.returncode} after {seconds:.0f} s", flush=True)
+        if child.returncode != 0 or not result.exists():
+            return {"error": f"exit status {child.returncode}", "log_tail": child.stderr[-4000:]}
+        return {**json.loads(result.read_text()), "seconds": seconds}
+
+
 def passed(results: dict[str, Any]) -> bool:
-    """Every check agreed (logprobs within 2e-3, greedy output equal, the update visible)."""
+    """Every check agreed (logprobs within 2e-3, greedy output equal, the updates visible)."""
     tiny, lora, embedded = results["tiny"], results["lora"], results["embedded"]
+    if any("error" in part for part in (tiny, lora, embedded)):
+        return False
     return (
         tiny["greedy"]["equal"]
         and tiny["logprob_max_abs_error"] < 2e-3
@@ -163,40 +213,59 @@ def passed(results: dict[str, Any]) -> bool:
         and tiny["after_update"]["hf_changed"]
         and lora["greedy"]["equal"]
         and lora["after_update"]["equal"]
+        and lora["after_update"]["hf_changed"]
         and embedded["greedy"]["equal"]
+        and embedded["after_push"]["equal"]
     )
 
 
+def machine() -> dict[str, Any]:
+    """What ran the check: GPU, vLLM, torch, Python."""
+    import vllm
+
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
 def main() -> int:
-    """Run every check, write the JSON, print a summary; 0 if all passed, 1 if not, 2 if vLLM cannot run."""
+    """Run every part, write the JSON, print a summary; 0 if all passed, 1 if not, 2 if vLLM cannot run."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=sorted(PARTS), help="run one part here (what the parent runs)")
+    parser.add_argument("--result", type=Path, help="where --part writes its JSON")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(PARTS), default=sorted(PARTS), help="parts to run"
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         require_vllm()
     except VLLMUnavailable as err:
         print(f"[vllm_check] cannot run here: {err}", file=sys.stderr)
         return 2
-    import vllm
-
-    results: dict[str, Any] = {
-        "machine": {
-            "gpu": torch.cuda.get_device_name(0),
-            "vllm": vllm.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_threads": torch.get_num_threads(),
-        },
-        "tiny": check_tiny(),
-        "lora": check_lora(),
-        "embedded": check_embedded(),
-    }
-    results["passed"] = passed(results)
+    if args.part:
+        torch.manual_seed(0)  # the LoRA init and vLLM's seed (taken from torch's)
+        args.result.write_text(json.dumps(PARTS[args.part]()))
+        return 0
+    results: dict[str, Any] = {"machine": machine()}
     OUT.parent.mkdir(parents=True, exist_ok=True)
+    for name in PARTS:  # the JSON is rewritten after each part, so a run cut short keeps what it finished
+        results[name] = run_part(name) if name in args.only else {"error": "not run"}
+        OUT.write_text(json.dumps(results, indent=2) + "\n")
+    results["passed"] = passed(results)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
-    speed = results["embedded"]["throughput_batch16"]
-    print(
-        f"[vllm_check] {'all checks passed' if results['passed'] else 'A CHECK FAILED'}; batch 16: vLLM "
-        f"{speed['vllm_gpu']['tokens_per_s']:.0f} tok/s, cached engine (CPU) "
-        f"{speed['cached_cpu']['tokens_per_s']:.0f} tok/s; details in {OUT}"
-    )
+    summary = "all checks passed" if results["passed"] else "A CHECK FAILED"
+    speed = results["embedded"].get("throughput")
+    if speed:
+        summary += (
+            f"; embedded model: batch 16 {speed['batch16']['tokens_per_s']:.0f} tok/s, "
+            f"batch 256 {speed['batch256']['tokens_per_s']:.0f} tok/s"
+        )
+    print(f"[vllm_check] {summary}; details in {OUT}")
     return 0 if results["passed"] else 1
 
 

@@ -13,34 +13,36 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from incentive.config import ConfigError, GenerationConfig, TemplateConfig, VLLMConfig, load_recipe
-from incentive.data import DataConfig, load_examples
+from incentive.config import ConfigError, GenerationConfig, VLLMConfig, load_recipe
 from incentive.engines import ENGINES, SamplingParams, VLLMEngine
 from incentive.engines.vllm import VLLMUnavailable, lora_rank_slot
 from incentive.models import load_model, load_tokenizer
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
 from incentive.rollout.types import RolloutBatch
-from incentive.run import Run, build_template
+from incentive.run import Run
 from incentive.training.rl import RLTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def from_check_script(name: str):
+    """A helper of the GPU check script (``bench/vllm_check.py``), which the real-vLLM tests share."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import vllm_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return getattr(vllm_check, name)
+
+
 def prompts_for(tokenizer, n=4):
-    """``n`` chain-sum examples and their rendered prompts."""
-    cfg = DataConfig(source="task:chain_sum", size=n, task_args={"min_terms": 2, "max_terms": 3})
-    examples = load_examples(cfg).examples
-    template = build_template(TemplateConfig())
-    return examples, [template.render(e, tokenizer) for e in examples]
+    """``n`` chain-sum examples and their rendered prompts (written by the check script: no task library)."""
+    return from_check_script("workload")(tokenizer, n)
 
 
 def step_towards(model, token: int, lr: float = 0.5, steps: int = 1) -> None:
-    """The GPU check script's weight change that greedy decoding shows (``bench/vllm_check.py``)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from vllm_check import step_towards as change
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    """The GPU check script's weight change that greedy decoding shows."""
+    change = from_check_script("step_towards")
     change(model, token, lr, steps)
 
 
@@ -447,7 +449,10 @@ def test_real_vllm_serves_a_lora_policy_before_and_after_an_update():
     examples, prompts = prompts_for(tokenizer)
     hf = ENGINES.get("hf")(policy, tokenizer)
     engine = VLLMEngine(policy, tokenizer, options=GPU_OPTIONS)
-    assert greedy(engine, examples, prompts) == greedy(hf, examples, prompts)
-    step_towards(policy, 42, lr=2.0, steps=3)
+    before = greedy(hf, examples, prompts)
+    assert greedy(engine, examples, prompts) == before
+    step_towards(policy, 42, lr=5.0, steps=3)
     engine.weights_changed()
-    assert greedy(engine, examples, prompts) == greedy(hf, examples, prompts)
+    after = greedy(hf, examples, prompts)
+    assert after != before  # the update shows in greedy output
+    assert greedy(engine, examples, prompts) == after

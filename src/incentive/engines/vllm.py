@@ -168,7 +168,7 @@ class VLLMEngine(Engine):
         if self.llm is None:
             self._start()
         if self.stale:
-            self._sync()
+            self.sync_weights()
         return RolloutBatch(self._chunk(examples, prompts, group_ids, params))
 
     def _chunk(
@@ -244,8 +244,10 @@ class VLLMEngine(Engine):
             self.stale = True
         self.llm = self.vllm.LLM(**kwargs)
 
-    def _sync(self) -> None:
-        """Bring vLLM's copy up to the live policy."""
+    def sync_weights(self) -> None:
+        """Bring vLLM's copy up to the live policy now (``generate`` does it itself after an update)."""
+        if self.llm is None:
+            return  # built from the live weights on the first generate
         if is_peft(self.model):
             self._push_adapter()
         else:

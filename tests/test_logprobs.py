@@ -271,3 +271,69 @@ def test_packed_path_equals_padded_for_the_other_llama_families(monkeypatch, fam
     assert abs(packed_loss - padded_loss) < 1e-4
     assert packed_grads.keys() == padded_grads.keys()
     assert all(torch.allclose(packed_grads[k], padded_grads[k], atol=1e-5, rtol=1e-4) for k in padded_grads)
+
+
+def test_shared_prefixes_by_hand():
+    from incentive.logprobs import shared_prefixes
+
+    system = list(range(40))
+    prompts = [system + [100 + p] * 36 for p in range(3)]
+    # 3 prompts x 3 completions' reasoning: each prompt's rows share 76 tokens, all rows share 40. One cluster per
+    # prompt saves 3 x (2 x 76 - 16) = 408 tokens, one cluster of all saves 8 x 40 - 16 = 304.
+    contexts = [prompt + [200 + g] * (g + 1) for prompt in prompts for g in range(3)]
+    assert shared_prefixes(contexts) == [76] * 9
+    assert shared_prefixes(contexts[::-1]) == [76] * 9  # order does not matter
+    # identical contexts share all of themselves: nothing to split
+    assert shared_prefixes([prompts[0]] * 2 + [prompts[1]] * 2) == [76] * 4
+    # an overlap of 10 saves less than a cluster costs (16): every context alone, whole
+    assert shared_prefixes([list(range(20)), [*range(10), *[99] * 10], [5] * 30]) == [20, 20, 30]
+    # a context that is the others' common prefix shares all of itself
+    assert shared_prefixes([prompts[0], prompts[0] + [7, 8], prompts[0] + [9]]) == [76] * 3
+    assert shared_prefixes([]) == []
+    assert shared_prefixes([[1, 2, 3]]) == [3]
+
+
+def test_contexts_sharing_a_prefix_score_as_whole_rows(tiny, monkeypatch):
+    """Gradient-free scoring runs each prompt once and every row's own rest packed after it (NOVER's contexts:
+    prompt + reasoning); logprobs equal whole-row scoring, including an empty reasoning, an empty target and a
+    context that shares nothing."""
+    from incentive.logprobs import _whole_row_logprobs
+
+    model = tiny[0]
+    model.eval()
+    gen = torch.Generator().manual_seed(5)
+    system = torch.randint(0, 1000, (20,), generator=gen).tolist()
+    prompts = [system + torch.randint(0, 1000, (18,), generator=gen).tolist() for _ in range(3)]
+    contexts, targets = [], []
+    for p, prompt in enumerate(prompts):
+        for g in range(3):
+            contexts.append(prompt + torch.randint(0, 1000, (2 * g + p,), generator=gen).tolist())
+            targets.append(torch.randint(0, 1000, (3 + g,), generator=gen).tolist())
+    targets[4] = []
+    contexts.append(torch.randint(0, 1000, (25,), generator=gen).tolist())
+    targets.append(torch.randint(0, 1000, (4,), generator=gen).tolist())
+    seen = []
+    forward = logprobs.forward_target_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("scored"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(logprobs, "forward_target_logprobs", spy)
+    with torch.no_grad():
+        whole = _whole_row_logprobs(model, contexts, targets, list(range(len(contexts))), 1.0)
+        shared = target_logprobs(model, contexts, targets)
+    assert seen and all(s == [len(t) for t in targets] for s in seen)  # the split path ran
+    assert [len(x) for x in shared] == [len(t) for t in targets]
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(whole, shared, strict=True))
+
+    seen.clear()  # with gradient (training), contexts are never split
+    target_logprobs(model, contexts, targets)
+    assert seen and all(s is None for s in seen)
+
+    seen.clear()  # nor where the packed body cannot run the rests
+    monkeypatch.setattr(logprobs, "_packed_body", lambda model, head: None)
+    with torch.no_grad():
+        padded = target_logprobs(model, contexts, targets)
+    assert seen and all(s is None for s in seen)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(whole, padded, strict=True))

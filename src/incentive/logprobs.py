@@ -4,13 +4,16 @@ Used by the trainer (forward and backward, :func:`backward_target_logprobs`) for
 and by rewards (without gradient) to score references, e.g. NOVER's reasoning perplexity. Sequences are sorted
 by length and packed into micro-batches under a token budget, so padding stays small; targets that continue a
 shared context run packed end to end where the model allows (:mod:`incentive.models.packed_body`), in length
-buckets otherwise. Results come back in input order.
+buckets otherwise. Gradient-free scoring also finds contexts that differ but share a long prefix (NOVER's
+prompt + each completion's own reasoning) and runs that prefix once (:func:`shared_prefixes`). Results come back
+in input order.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -38,6 +41,9 @@ TRAINING_BUCKET_TOKENS = 256
 PACKED_TRAINING_TOKENS = 1024
 # One more attention group of a packed pass (a separate SDPA call per layer) costs about this many padded slots.
 ATTENTION_GROUP_OVERHEAD = 16
+# Contexts sharing at least this many leading tokens run them once when scored without gradient (a rendered
+# chat prompt is longer); shorter common prefixes are not worth an attention group of their own.
+MIN_SHARED_PREFIX = 16
 
 
 def plan_batches(
@@ -76,8 +82,10 @@ def forward_target_logprobs(
     targets: Sequence[Sequence[int]],
     indices: Sequence[int],
     temperature: float = 1.0,
+    scored: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Logprob of each target token of ``indices`` given everything before it.
+    """Logprob of each target token of ``indices`` given everything before it (with ``scored``: of only the
+    last ``scored[i]`` tokens of target i, the rest being context that runs without being scored).
 
     When several rows share a context (the G completions of a prompt), the context runs once and its KV cache
     is shared by the rows, which run packed or in length buckets (gradient flows through it); otherwise each
@@ -87,8 +95,8 @@ def forward_target_logprobs(
         if targets[i] and not contexts[i]:
             raise ValueError("a target needs at least one context token before it")
     unique = {tuple(contexts[i]) for i in indices}
-    if len(unique) < len(indices):
-        return _shared_context_logprobs(model, contexts, targets, indices, temperature)
+    if scored is not None or len(unique) < len(indices):
+        return _shared_context_logprobs(model, contexts, targets, indices, temperature, scored)
     return _whole_row_logprobs(model, contexts, targets, indices, temperature)
 
 
@@ -132,6 +140,7 @@ def _shared_context_logprobs(
     targets: Sequence[Sequence[int]],
     indices: Sequence[int],
     temperature: float,
+    scored: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """Each distinct context once (left-padded, KV cached), then the targets on the cache: packed in one pass
     where the model allows, else right-padded in buckets of similar length so little padding is computed (see
@@ -141,7 +150,8 @@ def _shared_context_logprobs(
     result: list[torch.Tensor] = [torch.empty(0)] * len(indices)
     for group in context.passes([len(targets[i]) for i in indices], None):
         rows = [indices[k] for k in group]
-        for k, logp in zip(group, context.target_logprobs(head, rows, targets, temperature), strict=True):
+        logps = context.target_logprobs(head, rows, targets, temperature, scored)
+        for k, logp in zip(group, logps, strict=True):
             result[k] = logp
     return result
 
@@ -268,11 +278,13 @@ class _SharedContext:
         rows: Sequence[int],
         targets: Sequence[Sequence[int]],
         temperature: float,
+        scored: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """Per-token logprobs of each of ``rows``' targets on the contexts' cache and last states (which stay as
-        they are, for the next rows)."""
+        they are, for the next rows). ``scored`` (the last tokens of each target to score) needs the packed
+        path, which :func:`target_logprobs` checks before it splits contexts."""
         if self.packed is not None and isinstance(head, FusedHead) and any(targets[i] for i in rows):
-            return self._packed_logprobs(head, self.packed, rows, targets, temperature)
+            return self._packed_logprobs(head, self.packed, rows, targets, temperature, scored)
         logp = self._padded_logprobs(head, rows, targets, temperature)
         return [logp[row, : len(targets[i])] for row, i in enumerate(rows)]
 
@@ -283,9 +295,11 @@ class _SharedContext:
         rows: Sequence[int],
         targets: Sequence[Sequence[int]],
         temperature: float,
+        scored: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """Targets laid end to end (empty ones left out); a token's state is the one before it in its row, or
-        its context's last state for a row's first token."""
+        its context's last state for a row's first token. With ``scored``, the head runs on each row's last
+        ``scored[i]`` tokens only."""
         nonempty = [row for row, i in enumerate(rows) if targets[i]]
         groups = length_buckets([len(targets[rows[r]]) for r in nonempty], overhead=ATTENTION_GROUP_OVERHEAD)
         kept = [nonempty[k] for group in groups for k in group]  # laid out group by group
@@ -302,11 +316,20 @@ class _SharedContext:
         firsts = torch.tensor([0, *layout.lengths[:-1]]).cumsum(0)
         before = torch.arange(len(layout.ids)) - 1
         before[firsts] = len(layout.ids) + torch.arange(len(picked))
+        ids, lengths = layout.ids, layout.lengths
+        if scored is not None:
+            lengths = [scored[i] for i in picked]
+            tails = [
+                torch.arange(first + length - count, first + length)
+                for first, length, count in zip(firsts.tolist(), layout.lengths, lengths, strict=True)
+            ]
+            pick = torch.cat(tails)
+            before, ids = before.index_select(0, pick), ids.index_select(0, pick)
         lasts = self.last[:, -1].index_select(0, torch.tensor(owner))
         steps = torch.cat([hidden, lasts]).index_select(0, before)
-        logp = target_logprobs_from_hidden(steps, head.weight, layout.ids, temperature, head.onednn)
+        logp = target_logprobs_from_hidden(steps, head.weight, ids, temperature, head.onednn)
         result = [logp.new_zeros(0) for _ in rows]
-        for row, part in zip(kept, logp.split(layout.lengths), strict=True):
+        for row, part in zip(kept, logp.split(lengths), strict=True):
             result[row] = part
         return result
 
@@ -393,13 +416,65 @@ def target_logprobs(
     max_tokens: int = 4096,
     temperature: float = 1.0,
 ) -> list[torch.Tensor]:
-    """Per-token logprobs of every target after its context, in input order; grad flows if enabled."""
+    """Per-token logprobs of every target after its context, in input order; grad flows if enabled.
+
+    Without gradient, on a model the packed body serves, contexts that differ but share a long prefix (see
+    :func:`shared_prefixes`) run it once: the rest of each context goes with its target, unscored.
+    """
     if len(contexts) != len(targets):
         raise ValueError(f"{len(contexts)} contexts but {len(targets)} targets")
+    scored: list[int] | None = None
+    if not torch.is_grad_enabled() and _packed_body(model, head_for(model)) is not None:
+        prefixes = shared_prefixes(contexts)
+        if any(n < len(c) for n, c in zip(prefixes, contexts, strict=True)):
+            scored = [len(t) for t in targets]
+            targets = [list(c[n:]) + list(t) for c, n, t in zip(contexts, prefixes, targets, strict=True)]
+            contexts = [c[:n] for c, n in zip(contexts, prefixes, strict=True)]
     results: list[torch.Tensor | None] = [None] * len(contexts)
     for batch in plan_batches(contexts, targets, max_tokens):
-        for i, lp in zip(
-            batch, forward_target_logprobs(model, contexts, targets, batch, temperature), strict=True
-        ):
+        logps = forward_target_logprobs(model, contexts, targets, batch, temperature, scored)
+        for i, lp in zip(batch, logps, strict=True):
             results[i] = lp
     return [r for r in results if r is not None]
+
+
+def shared_prefixes(contexts: Sequence[Sequence[int]], overhead: int = MIN_SHARED_PREFIX) -> list[int]:
+    """For each context, how many leading tokens to run once for its cluster.
+
+    Contexts are sorted, and cut into runs of neighbours (clusters) so that the tokens saved, (size - 1) x the
+    cluster's common prefix less ``overhead`` per cluster, are the most (dynamic programming over the cuts). So
+    the G contexts of one prompt share the whole prompt rather than all contexts sharing only the system
+    prompt. A context alone keeps all of its tokens (nothing shared, nothing split).
+    """
+    order = sorted(range(len(contexts)), key=lambda i: tuple(contexts[i]))
+    overlaps = [_common_prefix(contexts[a], contexts[b]) for a, b in itertools.pairwise(order)]
+    saved = [0] * (len(order) + 1)  # saved[j]: the most saved over the first j sorted contexts
+    cut = list(range(len(order) + 1))  # cut[j]: where the last cluster of that best split starts
+    for end in range(1, len(order) + 1):
+        saved[end], cut[end] = saved[end - 1], end - 1
+        common = math.inf
+        for start in range(end - 2, -1, -1):
+            common = min(common, overlaps[start])
+            gain = saved[start] + (end - start - 1) * common - overhead
+            if gain > saved[end]:
+                saved[end], cut[end] = int(gain), start
+    prefixes = [len(c) for c in contexts]
+    end = len(order)
+    while end > 0:
+        start = cut[end]
+        if end - start > 1:
+            common = min(overlaps[start : end - 1])
+            for k in order[start:end]:
+                prefixes[k] = common
+        end = start
+    return prefixes
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

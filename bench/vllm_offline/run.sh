@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the CUDA machine, in the repository root: unpack the parts that build.sh wrote (in PARTS_DIR) into
-# /tmp/vllm-site and run bench/vllm_check.py with it; the log and JSON go to RESULTS_DIR.
-#   bash bench/vllm_offline/run.sh PARTS_DIR [RESULTS_DIR]
+# /tmp/vllm-site and run bench/vllm_check.py with it (and, with WITH_TESTS=1, the suite's GPU tests of the vLLM
+# engine); the logs and JSON go to RESULTS_DIR.
+#   [WITH_TESTS=1] bash bench/vllm_offline/run.sh PARTS_DIR [RESULTS_DIR]
 set -uo pipefail
 PARTS="$1"
 RESULTS="${2:-bench/results}"
@@ -19,5 +20,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, vllm; print('[vllm-offline] torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__, 'cuda', torch.cuda.is_available())"
 python3 bench/vllm_check.py 2>&1 | tee "$RESULTS/vllm_check.log" | grep -v "it/s\]"
 status=${PIPESTATUS[0]}
+if [ "${WITH_TESTS:-0}" = 1 ]; then  # the same checks as the GPU tests of the suite (~3 more minutes)
+  python3 -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py -k real 2>&1 | tee "$RESULTS/vllm_tests.log" | tail -15
+  status=$(( status | PIPESTATUS[0] ))
+fi
 echo "[vllm-offline] done in $((SECONDS - START)) s, exit status $status"
 exit "$status"

@@ -250,6 +250,18 @@ def test_weights_are_pushed_after_an_update_and_only_then(fake_vllm, tiny):
     assert FakeLLM.instances == [llm]
 
 
+def test_sync_weights_pushes_now_and_waits_for_vllm_to_exist(fake_vllm, tiny):
+    model, tokenizer = tiny
+    examples, prompts = prompts_for(tokenizer, 2)
+    engine = VLLMEngine(model, tokenizer)
+    engine.sync_weights()  # nothing built yet: the first generate builds vLLM from the live weights
+    assert FakeLLM.instances == []
+    engine.generate(examples, prompts, [0, 1], SamplingParams(n=1, max_new_tokens=2))
+    (llm,) = FakeLLM.instances
+    engine.sync_weights()  # an explicit push, without an update reported
+    assert len(llm.model.loads) == 1 and llm.prefix_resets == 1
+
+
 def test_lora_policy_is_served_as_an_unmerged_adapter_with_a_new_id_per_update(fake_vllm, tiny):
     from peft import LoraConfig, get_peft_model
 

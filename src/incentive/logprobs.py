@@ -455,6 +455,8 @@ def shared_prefixes(contexts: Sequence[Sequence[int]], overhead: int = MIN_SHARE
         common = math.inf
         for start in range(end - 2, -1, -1):
             common = min(common, overlaps[start])
+            if common == 0:
+                break  # nothing shared from here down: no longer cluster can save more
             gain = saved[start] + (end - start - 1) * common - overhead
             if gain > saved[end]:
                 saved[end], cut[end] = int(gain), start

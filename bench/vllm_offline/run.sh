@@ -18,7 +18,7 @@ export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1 INCENTIVE_KERNELS=0 HF_HUB
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, vllm; print('[vllm-offline] torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__, 'cuda', torch.cuda.is_available())"
-python3 bench/vllm_check.py 2>&1 | tee "$RESULTS/vllm_check.log" | grep -v "it/s\]"
+python3 bench/vllm_check.py --out "$RESULTS/vllm_check_cuda.json" 2>&1 | tee "$RESULTS/vllm_check.log" | grep -v "it/s\]"
 status=${PIPESTATUS[0]}
 if [ "${WITH_TESTS:-0}" = 1 ]; then  # the same checks as the GPU tests of the suite (~3 more minutes)
   python3 -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py -k real 2>&1 | tee "$RESULTS/vllm_tests.log" | tail -15

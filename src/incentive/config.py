@@ -46,13 +46,22 @@ class TemplateConfig(Strict):
 
 
 class VLLMConfig(Strict):
-    """How the vLLM engine (``generation.engine: vllm``, CUDA machines only) sizes its instance."""
+    """How the vLLM engine (``generation.engine: vllm``: CUDA machines, or vLLM's CPU build) sizes its instance."""
 
     gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="share of GPU memory vLLM takes for its weights and KV cache"
+        0.3,
+        gt=0,
+        le=1,
+        description="share of GPU memory vLLM takes for its weights and KV cache (of CPU memory, with vLLM's CPU build)",
     )
     dtype: Literal["policy", "float32", "bfloat16", "float16"] = Field(
         "policy", description="policy: the dtype the policy was loaded in"
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="KV cache size in GiB, in place of sizing it by gpu_memory_utilization (vLLM's "
+        "kv_cache_memory_bytes); with vLLM's CPU build, whose share counts this process's own memory, set it",
     )
     max_model_len: int | None = Field(None, ge=16, description="default: the model's context length")
     enforce_eager: bool = Field(False, description="no CUDA graphs: faster start, slower decoding")
@@ -62,7 +71,7 @@ class GenerationConfig(Strict):
     engine: Literal["cached", "hf", "vllm"] = Field(
         "cached",
         description="cached: own decode loop sharing each prompt's KV cache; hf: transformers generate; "
-        "vllm: vLLM on a CUDA GPU, weights synced after each update (pip install 'incentive[vllm]')",
+        "vllm: vLLM on a CUDA GPU (or vLLM's CPU build), weights synced after each update (pip install 'incentive[vllm]')",
     )
     num_generations: int = Field(4, ge=1, description="G: completions per prompt")
     prompts_per_step: int = Field(4, ge=1)

@@ -258,6 +258,8 @@ class VLLMEngine(Engine):
         }
         if opts.max_model_len is not None:
             kwargs["max_model_len"] = opts.max_model_len
+        if opts.kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gib * 2**30)
         if is_peft(self.model):
             rank = self.model.peft_config[self.model.active_adapter].r
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(rank), max_loras=1)

@@ -207,3 +207,64 @@ def test_one_kernel_per_layer_only_where_it_computes_the_same_layer(tiny):
     assert _FusedLayer.for_layer(policy.base_model.model.model.layers[0]) is None
     with policy.disable_adapter():
         assert _FusedLayer.for_layer(policy.base_model.model.model.layers[0]) is not None
+
+
+@torch.no_grad()
+def test_rows_of_one_prompt_read_one_copy_of_it(tiny):
+    """Rows sampled from one prompt read its keys and values from one row's copy (the first row of the prompt,
+    even after it left the batch): logits equal reading each row's own copy bit for bit; garbage in the other
+    copies changes nothing, garbage in the shared one changes the logits."""
+    if build.kernel_ops() is None:
+        pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
+    model = tiny[0]
+    step = DecodeStep.for_model(model)
+    contexts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    ids, mask, positions = left_padded(contexts)
+    owner = torch.tensor([0, 0, 0, 1, 1, 1])
+
+    def prefilled():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        return preallocate(out.cache, owner, 6)
+
+    shared, own, spoiled = prefilled(), prefilled(), prefilled()
+    assert shared.layers[0].prefix_rows.tolist() == [0, 0, 0, 3, 3, 3] and shared.layers[0].prefix_length == 9
+    for layer in own.layers:
+        layer.prefix_rows, layer.prefix_length = None, 0
+    for layer in spoiled.layers:  # only rows 0 and 3 hold the copies that are read
+        for buffer in (layer.key_buffer, layer.value_buffer):
+            buffer[[1, 2, 4, 5], :, :9] = 1e3
+    tokens, pos, m = torch.tensor([30, 31, 32, 33, 34, 35]), torch.tensor([5, 9])[owner], mask[owner]
+    for keep in (None, torch.tensor([1, 2, 4, 5])):  # the rows holding the shared copies leave
+        if keep is not None:
+            for cache in (shared, own, spoiled):
+                cache.batch_select_indices(keep)
+            tokens, pos, m = tokens[keep], pos[keep], m[keep]
+        for _ in range(2):
+            m = torch.cat([m, m.new_ones(len(tokens), 1)], dim=1)
+            got = step(tokens, pos, m, shared)
+            assert torch.equal(got, step(tokens, pos, m, own))
+            assert torch.equal(got, step(tokens, pos, m, spoiled))
+            tokens, pos = got.argmax(-1), pos + 1
+    for layer in spoiled.layers:
+        layer.key_buffer[0, :, :9] = 1e3
+    m = torch.cat([m, m.new_ones(len(tokens), 1)], dim=1)
+    assert not torch.equal(step(tokens, pos, m, shared), step(tokens, pos, m, spoiled))
+    spoiled.layers[0].prefix_rows = torch.tensor([0, 0, 0, 3, 3, 9])
+    with pytest.raises(RuntimeError, match="prefix row 9 of cache row 5 is outside the cache's 6 rows"):
+        step(tokens, pos, torch.cat([m, m.new_ones(len(tokens), 1)], dim=1), spoiled)
+
+
+def test_prefix_sharing_is_set_per_prompt_and_dropped_when_the_buffers_are_compacted(tiny):
+    model = tiny[0]
+    ids, mask, positions = left_padded([[5, 6, 7], [8, 9]])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = preallocate(out.cache, torch.tensor([1, 0, 1]), 2)
+    layer = cache.layers[0]
+    assert layer.prefix_rows.tolist() == [0, 1, 0] and layer.prefix_length == 3
+    layer.batch_select_indices(torch.tensor([1, 2]))
+    layer._compact()  # the op-by-op path: each row reads its own copy, whose source row may be gone
+    assert layer.prefix_rows is None and layer.prefix_length == 0
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    assert preallocate(out.cache, torch.tensor([0, 1]), 2).layers[0].prefix_rows is None  # nothing shared

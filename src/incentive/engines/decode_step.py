@@ -197,6 +197,8 @@ class _FusedLayer:
             kv.key_buffer,
             kv.value_buffer,
             kv.rows,
+            kv.prefix_rows,
+            kv.prefix_length,
             kv.length,
             allowed,
             self.scaling,

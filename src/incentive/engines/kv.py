@@ -2,7 +2,9 @@
 decode, new tokens are written in place and attention reads a view. HF's dynamic cache concatenates the whole
 cache at every step (18% of a profiled decode step on the embedded model at 16 rows). Rows that finish leave
 without a copy too where the decode step's kernel reads the cache by row index (``rows``): copying every
-layer's buffers at each finish was ~0.15 s of a ~3 s rollout of the benchmark batch."""
+layer's buffers at each finish was ~0.15 s of a ~3 s rollout of the benchmark batch. The rows sampled from one
+prompt hold equal copies of its keys and values; the kernel reads one of them for all (``prefix_rows``), so a
+long prompt streams from memory once per step rather than once per sample."""
 
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ class PreallocatedLayer(DynamicLayer):
         self.value_buffer[:, :, : self.length] = values
         self.rows: torch.Tensor | None = None
         """The buffer row of each row of the batch after :meth:`batch_select_indices`; None: row i is row i."""
+        self.prefix_rows: torch.Tensor | None = None
+        """For each buffer row, the buffer row whose copy of its first ``prefix_length`` positions (its prompt)
+        the decode kernel reads; None: each row reads its own."""
+        self.prefix_length = 0
         self.is_initialized = True
         self._views()
 
@@ -66,13 +72,20 @@ class PreallocatedLayer(DynamicLayer):
         self.rows = indices if self.rows is None else self.rows[indices]
         self._views()
 
+    def share_prefix(self, sources: torch.Tensor, length: int) -> None:
+        """Let buffer row i's first ``length`` positions be read from buffer row ``sources[i]``, which holds the
+        same values there (a copy of the same prompt)."""
+        self.prefix_rows, self.prefix_length = sources, length
+
     def _compact(self) -> None:
-        """Copy the picked rows into buffers of their own, for callers that read the cache as tensors."""
+        """Copy the picked rows into buffers of their own, for callers that read the cache as tensors (each row
+        then reads its own copy of its prompt: the row holding the shared one may be gone)."""
         if self.rows is not None:
             self.key_buffer = self.key_buffer.index_select(0, self.rows)
             self.value_buffer = self.value_buffer.index_select(0, self.rows)
             self.rows = None
             self._views()
+        self.prefix_rows, self.prefix_length = None, 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a preallocated decode cache is never cropped")
@@ -83,8 +96,22 @@ class PreallocatedLayer(DynamicLayer):
 
 def preallocate(cache: Cache, rows: torch.Tensor, new_tokens: int) -> Cache:
     """Turn a prefilled cache into preallocated layers holding ``rows`` of it (a row index per decode row) and
-    room for ``new_tokens`` more positions."""
+    room for ``new_tokens`` more positions; decode rows taken from the same prefilled row share their prompt's
+    positions (:meth:`PreallocatedLayer.share_prefix`)."""
+    sources = first_of_each(rows)
+    shared = not torch.equal(sources, torch.arange(len(rows)))
     for i, layer in enumerate(cache.layers):
-        capacity = layer.get_seq_length() + new_tokens
-        cache.layers[i] = PreallocatedLayer(layer.keys[rows], layer.values[rows], capacity)
+        length = layer.get_seq_length()
+        cache.layers[i] = PreallocatedLayer(layer.keys[rows], layer.values[rows], length + new_tokens)
+        if shared:
+            cache.layers[i].share_prefix(sources, length)
     return cache
+
+
+def first_of_each(rows: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``rows``, the index of the first entry equal to it: ``[2, 0, 2, 0] -> [0, 1, 0, 1]``."""
+    if len(rows) == 0:
+        return rows.new_empty(0)
+    first = torch.full((int(rows.max()) + 1,), len(rows), dtype=torch.long)
+    first.scatter_reduce_(0, rows, torch.arange(len(rows)), reduce="amin")
+    return first[rows]

@@ -61,13 +61,16 @@ namespace incentive {
 
 // hidden [rows, d] -> the layer's output [rows, d]; writes the rows' new key and value at position `length`
 // of key_buffer / value_buffer [cache rows, kv_heads, capacity, head_dim], row r in cache row cache_rows[r]
-// (r itself without cache_rows: rows that finished leave the batch without copying the cache); allowed
-// [rows, length + 1] bool covers the cache and the new token; cos, sin [rows, head_dim].
+// (r itself without cache_rows: rows that finished leave the batch without copying the cache); attention reads
+// the first prefix_length positions of cache row c from cache row prefix_rows[c] where prefix_rows is given (the
+// rows of one prompt share one copy of it); allowed [rows, length + 1] bool covers the cache and the new token;
+// cos, sin [rows, head_dim].
 at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, const at::Tensor& post_norm,
                         double eps, at::TensorList qkv, const at::Tensor& o, at::TensorList gate_up,
                         const at::Tensor& down, const at::Tensor& cos, const at::Tensor& sin,
                         at::Tensor& key_buffer, at::Tensor& value_buffer,
-                        const std::optional<at::Tensor>& cache_rows, int64_t length,
+                        const std::optional<at::Tensor>& cache_rows,
+                        const std::optional<at::Tensor>& prefix_rows, int64_t prefix_length, int64_t length,
                         const at::Tensor& allowed, double scale, int64_t heads, int64_t kv_heads) {
   TORCH_CHECK(__builtin_cpu_supports("avx512f"), "decode_layer: the CPU has no AVX-512");
   TORCH_CHECK(hidden.dim() == 2, "decode_layer: hidden must be [rows, d]");
@@ -82,6 +85,11 @@ at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, 
                                     picked.size(0) == rows && picked.device().is_cpu()),
               "decode_layer: cache_rows must be one int64 cache row per row");
   const int64_t* index = picked.defined() ? picked.data_ptr<int64_t>() : nullptr;
+  const at::Tensor sources = prefix_rows.has_value() ? prefix_rows->contiguous() : at::Tensor();
+  TORCH_CHECK(!sources.defined() || (sources.scalar_type() == at::kLong && sources.dim() == 1 &&
+                                     sources.size(0) == key_buffer.size(0) && sources.device().is_cpu()),
+              "decode_layer: prefix_rows must be one int64 cache row per cache row");
+  const int64_t* shared = sources.defined() ? sources.data_ptr<int64_t>() : nullptr;
   TORCH_CHECK(key_buffer.dim() == 4 && (index != nullptr || key_buffer.size(0) == rows) &&
                   key_buffer.size(1) == kv_heads &&
                   key_buffer.size(3) == dim && value_buffer.sizes() == key_buffer.sizes() &&
@@ -125,8 +133,9 @@ at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& input_norm, 
       std::memcpy(value, row + (heads + kv_heads + head) * dim, sizeof(float) * dim);
     }
   }
-  const at::Tensor attended = decode_attention_rows(q, key_buffer.narrow(2, 0, length + 1),
-                                                    value_buffer.narrow(2, 0, length + 1), allowed, scale, index);
+  const at::Tensor attended =
+      decode_attention_rows(q, key_buffer.narrow(2, 0, length + 1), value_buffer.narrow(2, 0, length + 1), allowed,
+                            scale, index, shared, prefix_length);
 
   at::Tensor mid = small_rows_linear(attended.view({rows, heads * dim}), {o});
   TORCH_CHECK(mid.size(1) == d, "decode_layer: the o projection must return d features");
@@ -151,7 +160,8 @@ TORCH_LIBRARY_FRAGMENT(incentive_kernels, lib) {
   lib.def(
       "decode_layer(Tensor hidden, Tensor input_norm, Tensor post_norm, float eps, Tensor[] qkv, Tensor o, "
       "Tensor[] gate_up, Tensor down, Tensor cos, Tensor sin, Tensor(a!) key_buffer, "
-      "Tensor(b!) value_buffer, Tensor? cache_rows, int length, Tensor allowed, float scale, int heads, "
+      "Tensor(b!) value_buffer, Tensor? cache_rows, Tensor? prefix_rows, int prefix_length, int length, "
+      "Tensor allowed, float scale, int heads, "
       "int kv_heads) -> Tensor",
       &incentive::decode_layer);
 }

@@ -169,7 +169,9 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm.lora", ModuleType("vllm.lora"))
     monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS"):  # unset, and restored afterwards
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     FakeLLM.instances = []
     return vllm
 
@@ -244,6 +246,7 @@ def test_vllm_is_built_once_from_the_live_weights_with_the_options(fake_vllm, ti
     assert '"LlamaForCausalLM"' in (folder / "config.json").read_text()
     assert llm.worker.loads == [] and llm.prefix_resets == 0
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # engine core in this process
+    assert os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # vLLM leaves torch's threads alone
 
 
 def test_weights_are_pushed_after_an_update_and_only_then(fake_vllm, tiny):
@@ -469,7 +472,9 @@ def test_real_vllm_matches_hf_before_and_after_an_update():
     examples, prompts = prompts_for(tokenizer)
     hf = ENGINES.get("hf")(model, tokenizer)
     engine = VLLMEngine(model, tokenizer, options=REAL_OPTIONS)
+    threads = torch.get_num_threads()
     assert greedy(engine, examples, prompts) == greedy(hf, examples, prompts)
+    assert torch.get_num_threads() == threads  # the policy trains in this process too
     sampled = engine.generate(
         examples, prompts, [0, 1, 2, 3], SamplingParams(n=2, max_new_tokens=16, temperature=0.7)
     )

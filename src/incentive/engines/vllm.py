@@ -78,9 +78,12 @@ def require_vllm() -> None:
 
 
 def load_vllm() -> ModuleType:
-    """Import vLLM with its engine core in this process (set before the import, which reads it)."""
+    """Import vLLM with its engine core in this process (set before the import, which reads it). vLLM's worker
+    (0.32 here) cuts torch to one intra-op thread "for serving" unless ``OMP_NUM_THREADS`` is set; in this
+    process the policy also trains on the CPU, so the variable is set to the threads torch uses now."""
     require_vllm()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     return importlib.import_module("vllm")
 
 

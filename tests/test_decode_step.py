@@ -18,14 +18,10 @@ def _prefilled(model, contexts):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kernel", [False, True])
-def test_decode_step_logits_equal_the_model_forward_over_several_steps(tiny, kernel, monkeypatch):
+def test_decode_step_logits_equal_the_model_forward_over_several_steps(tiny_each_backend, kernels):
     """Left padding (contexts of 5, 9 and 9 tokens) and three steps in a row, each on its own cache."""
-    if kernel and build.kernel_ops() is None:
-        pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
-    if not kernel:
-        monkeypatch.setattr(build, "kernel_ops", lambda: None)
-    model = tiny[0]
+    kernel = kernels
+    model = tiny_each_backend[0]
     step = DecodeStep.for_model(model)
     assert step is not None
     contexts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [19, 20, 21, 22, 23, 24, 25, 26, 27]]
@@ -67,15 +63,24 @@ def test_decode_step_is_only_for_plain_full_attention_models(tiny):
     assert DecodeStep.for_model(torch.nn.Linear(2, 2)) is None
 
 
-def test_products_go_to_the_kernel_only_where_one_linear_computes_the_output(tiny):
-    """Plain layers and LoRA layers with the adapter merged or switched off; an active adapter runs peft."""
+def test_products_go_to_the_kernel_only_where_one_linear_computes_the_output(tiny_each_backend, linear_backend):
+    """Plain layers (either backend) and LoRA layers with the adapter merged or switched off; an active adapter
+    runs peft; a subclass that computes something else is not plain."""
     from peft import LoraConfig, get_peft_model
 
     from incentive.models import load_model
 
-    assert plain_linear(tiny[0].model.layers[0].self_attn.q_proj) is tiny[0].model.layers[0].self_attn.q_proj
+    q = tiny_each_backend[0].model.layers[0].self_attn.q_proj
+    assert plain_linear(q) is q
     assert plain_linear(torch.nn.LayerNorm(4)) is None
-    policy = get_peft_model(load_model("tiny-random"), LoraConfig(r=2, target_modules=["q_proj"]))
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert plain_linear(Scaled(2, 2)) is None
+    base = load_model("tiny-random", onednn=linear_backend == "onednn")
+    policy = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
     layer = policy.base_model.model.model.layers[0].self_attn.q_proj
     assert plain_linear(layer) is None, "active adapter: its product must be added"
     with policy.disable_adapter():
@@ -85,7 +90,43 @@ def test_products_go_to_the_kernel_only_where_one_linear_computes_the_output(tin
 
 
 @torch.no_grad()
-def test_decode_step_of_a_lora_policy_samples_from_the_merged_weights():
+def test_each_product_runs_the_small_row_kernel_where_it_applies_else_the_layer(
+    tiny_each_backend, kernels, monkeypatch
+):
+    """Op by op, every projection of the step (q/k/v, o, gate/up, down per layer, and the head) goes to the
+    small-row kernel with the kernels on, on either backend; with them off (or above its row limit) the layers
+    themselves run, so a oneDNN layer keeps oneDNN."""
+    from incentive.kernels import small_rows
+
+    model = tiny_each_backend[0]
+    step = DecodeStep.for_model(model)
+    for layer in step.layers:
+        layer.fused = None
+    calls = []
+    kernel_cat = small_rows.linear_cat
+    monkeypatch.setattr(small_rows, "linear_cat", lambda *a: calls.append(len(a[1])) or kernel_cat(*a))
+    layer_calls = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda *_: layer_calls.append(1))
+    try:
+        contexts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+        cache, mask, positions = _prefilled(model, contexts)
+        layer_calls.clear()
+        mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+        step(torch.tensor([30, 31]), positions, mask, cache)
+    finally:
+        for module in model.modules():
+            module._forward_hooks.clear()
+    layers = len(step.layers)
+    if kernels:
+        assert calls == [3, 1, 2, 1] * layers + [1] and not layer_calls
+    else:
+        assert not calls and len(layer_calls) == 7 * layers + 1
+
+
+@torch.no_grad()
+def test_decode_step_of_a_lora_policy_samples_from_the_merged_weights(linear_backend, kernels):
     """Inside ``merged_lora`` the step's products read the merged weights (kernel or not), so its logits are
     those of the policy with its adapter active."""
     from peft import LoraConfig, get_peft_model
@@ -95,7 +136,8 @@ def test_decode_step_of_a_lora_policy_samples_from_the_merged_weights():
 
     torch.manual_seed(0)
     policy = get_peft_model(
-        load_model("tiny-random"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"])
+        load_model("tiny-random", onednn=linear_backend == "onednn"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"]),
     )
     for name, p in policy.named_parameters():
         if "lora_B" in name:
@@ -119,12 +161,12 @@ def test_decode_step_of_a_lora_policy_samples_from_the_merged_weights():
 
 
 @torch.no_grad()
-def test_one_kernel_per_layer_equals_the_op_by_op_step(tiny):
+def test_one_kernel_per_layer_equals_the_op_by_op_step(tiny_each_backend):
     """The fused layer (norms, rotary, cache write, attention, residuals, activation in one op) gives the
     op-by-op step's logits and cache contents to fp32 rounding, over several steps with left padding."""
     if build.kernel_ops() is None:
         pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
-    model = tiny[0]
+    model = tiny_each_backend[0]
     fused, op_by_op = DecodeStep.for_model(model), DecodeStep.for_model(model)
     assert all(layer.fused is not None for layer in fused.layers)
     for layer in op_by_op.layers:
@@ -149,14 +191,15 @@ def test_one_kernel_per_layer_equals_the_op_by_op_step(tiny):
 
 
 @torch.no_grad()
-def test_rows_leave_the_batch_without_copying_the_cache(tiny):
+def test_rows_leave_the_batch_without_copying_the_cache(tiny_each_backend):
     """Rows that finish are dropped by index (no copy of any layer's buffers) on the fused path and by copying
     on the op-by-op path: the same logits and cache contents, in the new row order; the next op-by-op update
     makes the buffers compact again."""
     if build.kernel_ops() is None:
         pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
-    model = tiny[0]
+    model = tiny_each_backend[0]
     fused, op_by_op = DecodeStep.for_model(model), DecodeStep.for_model(model)
+    assert all(layer.fused is not None for layer in fused.layers)
     for layer in op_by_op.layers:
         layer.fused = None
     contexts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [19, 20, 21], [22, 23, 24, 25]]
@@ -187,36 +230,40 @@ def test_rows_leave_the_batch_without_copying_the_cache(tiny):
         fused(tokens, positions, mask, ours)
 
 
-def test_one_kernel_per_layer_only_where_it_computes_the_same_layer(tiny):
-    """Biased projections (Qwen2's q/k/v), an active LoRA adapter, norms other than RMSNorm: op by op."""
+def test_one_kernel_per_layer_only_where_it_computes_the_same_layer(linear_backend):
+    """Biased projections (Qwen2's q/k/v), an active LoRA adapter, norms other than RMSNorm: op by op; plain
+    layers on either linear backend: one kernel."""
+    from functools import partial
+
     from peft import LoraConfig, get_peft_model
 
     from incentive.engines.decode_step import _FusedLayer
     from incentive.models import load_model
 
-    model = load_model("tiny-random")
+    load = partial(load_model, "tiny-random", onednn=linear_backend == "onednn")
+    model = load()
     layer = model.model.layers[0]
     assert _FusedLayer.for_layer(layer) is not None
     attention = layer.self_attn
     attention.q_proj.bias = torch.nn.Parameter(torch.zeros(attention.q_proj.out_features))
     assert _FusedLayer.for_layer(layer) is None
-    other = load_model("tiny-random").model.layers[0]
+    other = load().model.layers[0]
     other.post_attention_layernorm = torch.nn.LayerNorm(other.post_attention_layernorm.weight.shape)
     assert _FusedLayer.for_layer(other) is None
-    policy = get_peft_model(load_model("tiny-random"), LoraConfig(r=2, target_modules=["v_proj"]))
+    policy = get_peft_model(load(), LoraConfig(r=2, target_modules=["v_proj"]))
     assert _FusedLayer.for_layer(policy.base_model.model.model.layers[0]) is None
     with policy.disable_adapter():
         assert _FusedLayer.for_layer(policy.base_model.model.model.layers[0]) is not None
 
 
 @torch.no_grad()
-def test_rows_of_one_prompt_read_one_copy_of_it(tiny):
+def test_rows_of_one_prompt_read_one_copy_of_it(tiny_each_backend):
     """Rows sampled from one prompt read its keys and values from one row's copy (the first row of the prompt,
     even after it left the batch): logits equal reading each row's own copy bit for bit; garbage in the other
     copies changes nothing, garbage in the shared one changes the logits."""
     if build.kernel_ops() is None:
         pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
-    model = tiny[0]
+    model = tiny_each_backend[0]
     step = DecodeStep.for_model(model)
     contexts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
     ids, mask, positions = left_padded(contexts)

@@ -18,8 +18,8 @@ def prompts_for(tokenizer, n=4):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_cached_engine_greedy_equals_hf_generate(tiny, n):
-    model, tokenizer = tiny
+def test_cached_engine_greedy_equals_hf_generate(tiny_each_backend, kernels, n):
+    model, tokenizer = tiny_each_backend
     examples, prompts = prompts_for(tokenizer)
     params = SamplingParams(n=n, max_new_tokens=12, temperature=0.0)
     single = SamplingParams(n=1, max_new_tokens=12, temperature=0.0)  # HF refuses greedy with n > 1

@@ -50,12 +50,13 @@ def test_length_buckets_minimise_padding_plus_overhead_by_hand():
     assert length_buckets([70, 80], overhead=0, max_tokens=50) == [[0], [1]]  # a row alone may exceed it
 
 
-def test_shared_context_path_matches_whole_rows_with_gradients(tiny):
+def test_shared_context_path_matches_whole_rows_with_gradients(tiny_each_backend, linear_backend):
     from peft import LoraConfig, get_peft_model
 
     from incentive.logprobs import _shared_context_logprobs, _whole_row_logprobs
     from incentive.models import load_model
 
+    tiny = tiny_each_backend
     gen = torch.Generator().manual_seed(1)
     c1, c2 = (
         torch.randint(0, 1000, (7,), generator=gen).tolist(),
@@ -64,7 +65,8 @@ def test_shared_context_path_matches_whole_rows_with_gradients(tiny):
     contexts = [c1, c2, c1, c2, c1]
     targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (3, 5, 1, 0, 4)]
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    for model in (tiny[0], get_peft_model(load_model("tiny-random"), lora)):
+    lora_policy = get_peft_model(load_model("tiny-random", onednn=linear_backend == "onednn"), lora)
+    for model in (tiny[0], lora_policy):
         results = []
         for fn in (_whole_row_logprobs, _shared_context_logprobs):
             model.zero_grad()
@@ -89,9 +91,10 @@ def _padded_or_packed(monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module, p
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_scoring_in_length_buckets_matches_whole_rows(tiny, monkeypatch, packed):
+def test_scoring_in_length_buckets_matches_whole_rows(tiny_each_backend, kernels, monkeypatch, packed):
     from incentive.logprobs import _shared_context_logprobs, _whole_row_logprobs
 
+    tiny = tiny_each_backend
     gen = torch.Generator().manual_seed(2)
     c1, c2 = (torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (7, 4))
     contexts = [c1, c2, c1, c2, c1]
@@ -110,7 +113,9 @@ def test_scoring_in_length_buckets_matches_whole_rows(tiny, monkeypatch, packed)
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkeypatch, packed):
+def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(
+    tiny_each_backend, linear_backend, kernels, monkeypatch, packed
+):
     """Training's path (one backward pass per length bucket or packed pass, the shared context's KV gradient
     summed and sent back once) gives the loss and gradients of one pass over whole rows, for full and LoRA
     models; packed passes put an empty row and several attention groups in one pass."""
@@ -119,6 +124,7 @@ def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkey
     from incentive.logprobs import _whole_row_logprobs, backward_target_logprobs
     from incentive.models import load_model
 
+    tiny = tiny_each_backend
     gen = torch.Generator().manual_seed(3)
     c1, c2 = (torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (7, 4))
     contexts = [c1, c2, c1, c2, c1, c2]
@@ -139,7 +145,8 @@ def test_bucketed_backward_matches_whole_rows_in_loss_and_gradients(tiny, monkey
         return sum(((lp * weights[i]).sum() for i, lp in zip(rows, lps, strict=True)), torch.zeros(()))
 
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    for model in (tiny[0], get_peft_model(load_model("tiny-random"), lora)):
+    lora_policy = get_peft_model(load_model("tiny-random", onednn=linear_backend == "onednn"), lora)
+    for model in (tiny[0], lora_policy):
         model.zero_grad()
         lps = _whole_row_logprobs(model, contexts, targets, list(range(6)), 0.7)
         expected = loss_of(list(range(6)), lps)

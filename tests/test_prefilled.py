@@ -83,9 +83,9 @@ def test_kept_only_within_budget_for_fp32_policies_without_dropout(tiny):
     assert dropout.entries == []
 
 
-def test_update_gradients_equal_with_and_without_the_prefill(tiny):
+def test_update_gradients_equal_with_and_without_the_prefill(tiny_each_backend, kernels):
     """backward_target_logprobs taking the engine's prefill gives the loss and gradients of its own run."""
-    model, tokenizer = tiny
+    model, tokenizer = tiny_each_backend
     contexts = _contexts(2)
     gen = torch.Generator().manual_seed(2)
     rows = [contexts[0], contexts[1], contexts[0], contexts[1]]

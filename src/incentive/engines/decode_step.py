@@ -8,12 +8,13 @@ rotary embedding, activation) in the same order and the same arithmetic as trans
 query token: with the kernels off its logits are the model's own, bit for bit (tested).
 
 Where the kernels of :mod:`incentive.kernels` are built, a layer whose projections are plain bias-free
-``nn.Linear`` (LoRA layers count while their adapter is merged or switched off, as in sampling), whose norms are
+linear layers (``nn.Linear`` or its oneDNN form; LoRA layers count while their adapter is merged or switched off, as in sampling), whose norms are
 RMSNorm and whose MLP is gated SiLU runs as one op (``kernels/decode_layer.cpp``): op by op, the ~15 small
 ops between its products cost ~20 ms of a step (43-48 against 64-72 ms per step on the benchmark rollout). Other layers run op by op, their plain products through
 :func:`incentive.kernels.small_rows.linear_cat` (each weight read once instead of MKL's pack-then-multiply) and
 attention through :func:`incentive.kernels.decode_attention.attend`. Logits then agree with the model's forward
-to fp32 rounding. Layers on oneDNN (AMD CPUs) and any other module are called as they are.
+to fp32 rounding. Where the kernels are not built, the products run through the layers themselves (MKL or
+oneDNN, whichever the model was loaded with), and any other module is called as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from incentive.kernels.swiglu import swiglu
 from incentive.models.fused_mlp import is_gated_silu_mlp
 from incentive.models.fused_norm import NORM_CLASSES
 from incentive.models.llama_family import base_model, is_plain_llama_family
+from incentive.models.onednn import is_plain_linear
 
 
 class DecodeStep:
@@ -101,30 +103,33 @@ class DecodeStep:
 
 class Projections:
     """Linear layers applied to the same input, their outputs concatenated, as the decode step calls them: one
-    call of the small-row kernel when each is a plain ``nn.Linear`` (or a LoRA layer whose adapter is merged or
-    switched off), else the modules themselves. Weights are read at each call: sampling from a LoRA policy
-    swaps merged ones in."""
+    call of the small-row kernel when each is a plain linear layer (or a LoRA layer whose adapter is merged or
+    switched off) and the kernel applies to the input, else the layers themselves (so a oneDNN layer keeps
+    oneDNN). Weights are read at each call: sampling from a LoRA policy swaps merged ones in."""
 
     def __init__(self, *modules: torch.nn.Module) -> None:
-        self.modules = modules
         plain = [plain_linear(m) for m in modules]
         self.plain = plain if all(p is not None for p in plain) else None
+        self.modules: tuple[torch.nn.Module, ...] = tuple(self.plain) if self.plain else modules
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain is None:
-            outs = [m(x) for m in self.modules]
-            return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
-        return small_rows.linear_cat(x, [p.weight for p in self.plain], [p.bias for p in self.plain])
+        if self.plain is not None:
+            weights = [p.weight for p in self.plain]
+            if small_rows.applies(x, weights):
+                return small_rows.linear_cat(x, weights, [p.bias for p in self.plain])
+        outs = [m(x) for m in self.modules]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
 
 def plain_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
-    """The ``nn.Linear`` that computes ``module``'s output on its own, if there is one: the module itself, or
-    the base layer of a peft LoRA layer whose adapter is merged or switched off."""
+    """The linear layer that computes ``module``'s output on its own, if there is one: the module itself (an
+    ``nn.Linear`` on either CPU backend, see :func:`incentive.models.onednn.is_plain_linear`), or the base layer
+    of a peft LoRA layer whose adapter is merged or switched off."""
     if hasattr(module, "get_base_layer") and hasattr(module, "disable_adapters"):
         if not (module.disable_adapters or getattr(module, "merged", False)):
             return None
         module = module.get_base_layer()
-    return module if type(module) is torch.nn.Linear else None
+    return module if is_plain_linear(module) else None
 
 
 class _Layer:
@@ -143,7 +148,7 @@ class _Layer:
 
 class _FusedLayer:
     """The whole layer as one kernel call (``kernels/decode_layer.cpp``), for a layer whose projections are plain
-    ``nn.Linear`` without bias (LoRA counts while merged or off), whose norms are RMSNorm and whose MLP is gated
+    linear layers without bias (LoRA counts while merged or off), whose norms are RMSNorm and whose MLP is gated
     SiLU. Called op by op, the ~15 small ops between the products cost ~60 us each inside the decode loop."""
 
     def __init__(self, layer: torch.nn.Module, linears: list[torch.nn.Linear]) -> None:

@@ -28,18 +28,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return linear_cat(x, [weight], [bias])
 
 
+def applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether :func:`linear_cat` runs the kernel on ``x`` and ``weights``: it is built, the tensors are fp32
+    CPU data and ``x`` has 1 to :data:`MAX_ROWS` rows."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return 0 < rows <= MAX_ROWS and build.ops_for(x, *weights) is not None
+
+
 def linear_cat(
     x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
 ) -> torch.Tensor:
     """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)``, as one kernel call (one pass
-    over the weights, one parallel region) where the kernel is built and ``x`` has at most :data:`MAX_ROWS`
-    rows of fp32 CPU data."""
-    ops = build.ops_for(x, *weights)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if ops is None or not 0 < rows <= MAX_ROWS:
+    over the weights, one parallel region) where :func:`applies`."""
+    if not applies(x, weights):
         outs = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
-    out = ops.small_rows_linear(x.reshape(rows, x.shape[-1]), list(weights))
+    rows = x.numel() // x.shape[-1]
+    out = build.kernel_ops().small_rows_linear(x.reshape(rows, x.shape[-1]), list(weights))
     if any(b is not None for b in biases):
         out.add_(
             torch.cat(

@@ -93,6 +93,13 @@ class OneDNNLinear(torch.nn.Linear):
         return onednn_linear(x, self.weight, self.bias)
 
 
+def is_plain_linear(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computes ``x Wᵀ + b`` and nothing else: an ``nn.Linear`` or an :class:`OneDNNLinear`
+    (subclasses that change the computation do not count), so code that reads its weights directly computes
+    what it would."""
+    return type(module) in (torch.nn.Linear, OneDNNLinear)
+
+
 def use_onednn(model: torch.nn.Module) -> int:
     """Switch every plain ``nn.Linear`` of ``model`` to :class:`OneDNNLinear` in place (weights untouched);
     returns how many were switched, 0 where this torch build has no oneDNN."""

@@ -9,8 +9,9 @@ Checks (the same as the real-vLLM tests in tests/test_vllm_engine.py): greedy vL
 token for token on a tiny random model and on the embedded SmolLM2-135M; sampled tokens' logprobs at temperature
 0.7 equal the HF model's teacher-forced ones; after optimizer steps (full fine-tune, and a LoRA adapter served
 unmerged) greedy vLLM output equals the updated HF model's. Then, with the embedded model: vLLM's tokens/s at
-batch 16 (4 prompts x 4 samples, <= 64 new tokens, temperature 1) and at a large batch (256 on a GPU, 64 on a
-CPU), and the time one full weight push takes. On a CPU, incentive's own cached engine samples the same batches
+batch 16 (4 prompts x 4 samples, <= 64 new tokens, temperature 1), at a large batch (256 on a GPU, 64 on a
+CPU), at reasoning length (8 prompts x 8 samples of exactly 512 new tokens: no end token before 512, as in
+``bench/grpo_vs_trl.py --workload long``), and the time one full weight push takes. On a CPU, incentive's own cached engine samples the same batches
 in a process of its own, and the JSON gives the ratios. Each part runs in its own process with its own time
 limit, so a vLLM instance's memory goes with its process and one failing part still leaves the others' results.
 The policy stays on the CPU, where this project trains it; on a GPU machine vLLM holds its copy on the GPU.
@@ -55,7 +56,7 @@ LARGE_BATCH_PROMPTS = {"cuda": 64, "cpu": 16}
 """Prompts of the large throughput batch (x SAMPLES), by where vLLM runs."""
 PART_SECONDS = {
     "cuda": {"tiny": 180, "lora": 180, "embedded": 360},
-    "cpu": {"tiny": 300, "lora": 300, "embedded": 900, "cached": 600},
+    "cpu": {"tiny": 300, "lora": 300, "embedded": 1800, "cached": 1200},
 }
 """The parts each kind of machine runs, and each one's time limit."""
 
@@ -179,25 +180,47 @@ def check_lora() -> dict[str, Any]:
     return out
 
 
-def tokens_per_second(engine: Engine, examples: list, prompts: list[str], reps: int) -> dict[str, float]:
-    """Median tokens/s over ``reps`` timed batches of ``SAMPLES`` per prompt after one warm-up batch."""
-    params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0)
+SHORT = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0)
+"""The batches of the speed comparison at batch 16 and at the large batch."""
+
+
+def tokens_per_second(
+    engine: Engine,
+    examples: list,
+    prompts: list[str],
+    reps: int,
+    params: SamplingParams = SHORT,
+    warm_up: bool = True,
+) -> dict[str, float]:
+    """Median tokens/s over ``reps`` timed batches of ``params.n`` samples per prompt, after one warm-up batch
+    unless ``warm_up`` is off (for batches that run minutes, after the engine has already run others)."""
     groups = list(range(len(prompts)))
-    engine.generate(examples, prompts, groups, params)
+    if warm_up:
+        engine.generate(examples, prompts, groups, params)
     rates = []
     for _ in range(reps):
         start = time.perf_counter()
         batch = engine.generate(examples, prompts, groups, params)
         rates.append(sum(c.length for c in batch) / (time.perf_counter() - start))
-    return {"tokens_per_s": sorted(rates)[len(rates) // 2], "batch": len(prompts) * SAMPLES, "reps": reps}
+    return {
+        "tokens_per_s": sorted(rates)[len(rates) // 2],
+        "batch": len(prompts) * params.n,
+        "new_tokens": params.max_new_tokens,
+        "reps": reps,
+    }
+
+
+LONG = SamplingParams(n=8, max_new_tokens=512, temperature=1.0, min_new_tokens=512)
+"""The reasoning-length batch (of 8 prompts): bench/grpo_vs_trl.py's long workload."""
 
 
 def throughput(engine: Engine, tokenizer: Any) -> dict[str, dict[str, float]]:
-    """Tokens/s at batch 16 and at the large batch of this kind of machine."""
+    """Tokens/s at batch 16, at the large batch of this kind of machine and at reasoning length."""
     large = LARGE_BATCH_PROMPTS[device_kind()]
     return {
         "small": tokens_per_second(engine, *workload(tokenizer), reps=5),
         "large": tokens_per_second(engine, *workload(tokenizer, large, seed=1), reps=3),
+        "long": tokens_per_second(engine, *workload(tokenizer, 8, seed=2), reps=1, params=LONG, warm_up=False),
     }
 
 
@@ -289,13 +312,21 @@ def processor() -> str:
     return platform.machine()
 
 
+def cpu_kind() -> str:
+    """The CPU's kind as the benchmarks name it (amd-epyc, intel-xeon, ...)."""
+    from grpo_vs_trl import machine_kind
+
+    return str(machine_kind()["kind"])
+
+
 def machine() -> dict[str, Any]:
-    """What ran the check: the device vLLM ran on, the CPU, vLLM, torch, Python."""
+    """What ran the check: the device vLLM ran on, the CPU and its kind, vLLM, torch, Python."""
     import vllm
 
     return {
         "vllm_device": torch.cuda.get_device_name(0) if device_kind() == "cuda" else "cpu",
         "cpu": processor(),
+        "cpu_kind": cpu_kind(),
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -327,7 +358,7 @@ def main() -> int:
         args.result.write_text(json.dumps(PARTS[args.part]()))
         return 0
     kind = device_kind()
-    out = args.out or RESULTS / f"vllm_check_{kind}.json"
+    out = args.out or RESULTS / (f"vllm_check_{kind}.json" if kind == "cuda" else f"vllm_check_cpu-{cpu_kind()}.json")
     results: dict[str, Any] = {"machine": machine()}
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in PART_SECONDS[

@@ -13,7 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from incentive.data import DataConfig, DataError, Example, LoadResult, load_examples, sft_pairs
+from incentive.config import ConfigError, load_recipe
+from incentive.data import (
+    DataConfig,
+    DataError,
+    Example,
+    LoadResult,
+    MissingSolutions,
+    keep_usable,
+    load_examples,
+    sft_pairs,
+)
 from incentive.data.solutions import WORKED_SOLUTIONS, arithmetic_steps
 from incentive.templates import TagFormat
 
@@ -331,16 +341,93 @@ def test_sft_pairs_parse_back_strictly() -> None:
     tags = TagFormat()
     examples = task(size=20, seed=3, task_args=CHAIN)
     examples.append(Example("Why?", "Because.", id="r", metadata={"reasoning": "  It is so.  "}))
-    pairs = sft_pairs(examples, tags)
+    pairs = sft_pairs(examples, tags, "task:chain_sum")
     assert [e for e, _ in pairs] == examples
     for example, completion in pairs:
         parsed = tags.parse(completion)
         assert parsed.strict and parsed.answer == example.reference
     assert tags.parse(pairs[-1][1]).reasoning == "It is so."
     custom = TagFormat(think="reasoning", answer="final")
-    assert custom.parse(sft_pairs(examples[:1], custom)[0][1]).strict
+    assert custom.parse(sft_pairs(examples[:1], custom, "task:chain_sum")[0][1]).strict
 
 
 def test_sft_pairs_without_reasoning_or_writer_explains() -> None:
-    with pytest.raises(ValueError, match=r"'reasoning' column.*known: basic_arithmetic, chain_sum"):
-        sft_pairs([Example("p", "r", id="x", metadata={"task": "leg_counting"})], TagFormat())
+    match = r"^task:leg_counting: SFT needs .*'reasoning' column.*known: basic_arithmetic, chain_sum.*leg_counting"
+    with pytest.raises(MissingSolutions, match=match) as caught:
+        example = Example("p", "r", id="x", metadata={"task": "leg_counting"})
+        sft_pairs([example], TagFormat(), "task:leg_counting")
+    assert "\n" not in str(caught.value)
+
+
+def test_sft_pairs_name_the_row_without_a_solution() -> None:
+    rows = [
+        Example("a", "1", id="a", metadata={"reasoning": "so 1"}, row=1),
+        Example("b", "2", id="b", metadata={"reasoning": " "}, row=2),
+    ]
+    with pytest.raises(DataError, match=r"^d.jsonl, row 2, field 'reasoning': missing or empty") as caught:
+        sft_pairs(rows, TagFormat(), "d.jsonl")
+    assert not isinstance(caught.value, MissingSolutions)
+    wrong = Example("1 + 1 =", "3", id="w", metadata={"task": "chain_sum", "expression": "1 + 1"}, row=4)
+    with pytest.raises(DataError, match=r"^t, row 4: no worked solution: .*gives 2, reference is 3"):
+        sft_pairs([wrong], TagFormat(), "t")
+
+
+def test_keep_usable_raises_or_skips_by_on_error() -> None:
+    examples = [Example("p", str(i), id=str(i), row=i + 1) for i in range(3)]
+
+    def odd(example: Example) -> str | None:
+        return "needs an even reference" if int(example.reference) % 2 else None
+
+    with pytest.raises(DataError, match=r"^f.jsonl, row 2: needs an even reference$"):
+        keep_usable(examples, DataConfig(source="f.jsonl"), odd)
+    kept, skipped = keep_usable(examples, DataConfig(source="f.jsonl", on_error="skip"), odd)
+    assert [e.id for e in kept] == ["0", "2"] and [e.row for e in skipped] == [2]
+    with pytest.raises(DataError, match="no usable examples"):
+        keep_usable(examples[1:2], DataConfig(source="f.jsonl", on_error="skip"), odd)
+
+
+TASK_RECIPE = """
+data: {source: task:chain_sum, size: 2000, seed: 3, task_args: {min_terms: 2}, on_error: skip}
+eval: {data: {source: task:chain_sum, size: 48, task_args: {min_terms: 2}}, max_new_tokens: 8}
+sft: {steps: 4}
+rl: {steps: 1}
+"""
+
+
+def recipe_with(tmp_path: Path, text: str, *sets: str) -> Any:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return load_recipe(path, list(sets))
+
+
+def test_recipe_settings_for_a_replaced_task_source_are_dropped_with_a_note(tmp_path: Path, capsys) -> None:
+    recipe = recipe_with(tmp_path, TASK_RECIPE, "data.source=mine.jsonl")
+    assert recipe.data.source == "mine.jsonl" and recipe.data.size is None and recipe.data.task_args == {}
+    assert recipe.data.on_error == "skip"  # applies to files too: kept
+    assert recipe.eval.data is None and recipe.eval.max_new_tokens == 8
+    assert recipe.sft.steps == 4 and recipe.sft.without_solutions == "skip"
+    notes = capsys.readouterr().out.splitlines()
+    assert len(notes) == 2
+    assert "data.task_args, data.seed, data.size" in notes[0] and "task:chain_sum" in notes[0]
+    assert "eval.data" in notes[1] and "eval.data.source=FILE" in notes[1]
+
+
+def test_settings_given_with_set_still_conflict(tmp_path: Path, capsys) -> None:
+    with pytest.raises(ConfigError, match="task_args only apply to task"):
+        recipe_with(tmp_path, TASK_RECIPE, "data.source=mine.jsonl", "data.task_args={min_terms: 3}")
+    recipe = recipe_with(tmp_path, TASK_RECIPE, "data.source=mine.jsonl", "data.size=5", "sft.steps=2")
+    assert recipe.data.size == 5 and recipe.sft.without_solutions == "error"
+    recipe = recipe_with(tmp_path, TASK_RECIPE, "data.source=mine.jsonl", "eval.data.size=4")
+    assert recipe.eval.data is not None and recipe.eval.data.source == "task:chain_sum"
+
+
+def test_no_source_override_changes_nothing(tmp_path: Path, capsys) -> None:
+    recipe = recipe_with(tmp_path, TASK_RECIPE, "data.size=10")
+    assert recipe.data.task_args == {"min_terms": 2} and recipe.eval.data is not None
+    assert recipe.sft.without_solutions == "error"
+    same_kind = recipe_with(tmp_path, TASK_RECIPE, "data.source=task:basic_arithmetic")
+    assert same_kind.data.task_args == {"min_terms": 2} and same_kind.eval.data is None
+    assert "task_args" not in capsys.readouterr().out
+    file_recipe = "data: {source: a.csv, size: 9, prompt_field: q}\nrl: {steps: 1}\n"
+    to_task = recipe_with(tmp_path, file_recipe, "data.source=task:chain_sum")
+    assert to_task.data.size is None and to_task.data.prompt_field == "prompt"

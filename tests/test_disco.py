@@ -80,7 +80,31 @@ def test_shares_are_counted_from_the_training_data():
         disco.domain_weight("imdb")
 
 
-def test_negative_rewards_cannot_explode_the_difficulty_weight():
+W_D = math.log(1 + 1 / 0.75)  # domain "d" at share 0.75
+
+
+@pytest.mark.parametrize(
+    ("scores", "expected"),
+    [
+        # shifted by the lowest reward: [1.5, 0, 0, 0], SC = 0.375 → the 0/1 closed form w·(G/k − 1), −w
+        ([1, -0.5, -0.5, -0.5], [3 * W_D, -W_D, -W_D, -W_D]),
+        ([1, 1, 1, -0.5], [W_D / 3, W_D / 3, W_D / 3, -W_D]),  # [1.5, 1.5, 1.5, 0], SC = 1.125
+        ([-0.5, -1.0], [W_D, -W_D]),  # [0.5, 0], SC = 0.25
+        # [1.5, 0, 1.25, 0.75], SC = 0.875: A = w·(u − 0.875) / 0.875
+        ([0.5, -1.0, 0.25, -0.25], [W_D * 5 / 7, -W_D, W_D * 3 / 7, -W_D / 7]),
+        ([-0.5, -0.5, -0.5], [0.0, 0.0, 0.0]),
+    ],
+)
+def test_negative_and_mixed_sign_groups_by_hand(scores, expected):
+    disco = DISCO(domain_weight="log", domain_shares={"d": 0.75})
+    out = advantages(disco, scores, [0] * len(scores), [Example("q", "1", domain="d")] * len(scores))
+    assert out == pytest.approx(expected, abs=1e-4)
+    assert max(map(abs, out)) <= W_D * (len(scores) - 1) + 1e-6
+
+
+def test_advantages_stay_within_the_binary_bound_for_any_rewards():
     disco = DISCO(domain_weight="none", domain_shares=SHARES)
-    out = advantages(disco, [-0.5, -1.0], [0, 0], [MAJOR] * 2)
-    assert all(math.isfinite(x) and abs(x) < 1e5 * 0.5 + 1 for x in out)
+    scores = torch.rand(200, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4 - 3
+    out = disco(scores.flatten(), [i // 4 for i in range(800)], [MAJOR] * 800)
+    assert out.abs().max() <= 3 + 1e-5  # w_dom·(G − 1) with w_dom = 1, G = 4
+    assert out.min() >= -1 - 1e-5  # a below-mean reward loses at most w_dom, as with 0/1 rewards

@@ -112,3 +112,45 @@ def test_lora_policy_samples_with_its_adapter_merged_and_keeps_its_weights():
         ENGINES.get("cached")(policy, tokenizer).generate(examples, prompts, [0, 1], greedy)
     assert seen and all(seen)  # sampled through the merged weights, adapter layers off
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+
+
+def test_excluded_tokens_are_never_drawn_and_logprobs_stay_the_models():
+    from incentive.engines.cached import _sample_without
+
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])).repeat(500, 1)
+    torch.manual_seed(0)
+    tokens, logprobs = _sample_without(torch.tensor([2]), logits, SamplingParams(temperature=1.0))
+    assert 2 not in tokens.tolist()
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
+    greedy, lp = _sample_without(torch.tensor([2]), logits[:2], SamplingParams(temperature=0.0))
+    assert greedy.tolist() == [0, 0] and lp[1].item() == pytest.approx(torch.tensor(0.1).log().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["hf", "cached"])
+def test_no_end_token_before_min_new_tokens(tiny, engine):
+    """A model that wants to stop at once (its end token's logit raised) writes exactly ``min_new_tokens``
+    tokens and then stops; the cached engine's greedy tokens and logprobs equal HF generate's."""
+    import copy
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    stops = ENGINES.get(engine)(model, tokenizer).stop_ids
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[stops[0]] = 50.0  # the first end token's logit dominates
+    model.lm_head = head
+    examples, prompts = prompts_for(tokenizer, 2)
+    short = SamplingParams(n=1, max_new_tokens=12, temperature=0.0)
+    assert all(
+        c.length == 1 for c in ENGINES.get(engine)(model, tokenizer).generate(examples, prompts, [0, 1], short)
+    )
+    params = SamplingParams(n=1, max_new_tokens=12, temperature=0.0, min_new_tokens=5)
+    got = ENGINES.get(engine)(model, tokenizer).generate(examples, prompts, [0, 1], params)
+    assert [c.length for c in got] == [6, 6] and not any(c.truncated for c in got)
+    assert all(not set(stops) & set(c.completion_ids[:5]) for c in got)
+    want = ENGINES.get("hf")(model, tokenizer).generate(examples, prompts, [0, 1], params)
+    assert [c.completion_ids for c in got] == [c.completion_ids for c in want]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)

@@ -344,3 +344,76 @@ def test_contexts_sharing_a_prefix_score_as_whole_rows(tiny, monkeypatch):
         padded = target_logprobs(model, contexts, targets)
     assert seen and all(s is None for s in seen)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(whole, padded, strict=True))
+
+
+@pytest.mark.parametrize("lora_dropout", [None, 0.0, 0.3])
+def test_recomputed_layers_give_the_same_loss_and_gradients(linear_backend, lora_dropout):
+    """With the packed body recomputing its layers (``model.activation_checkpointing``) the loss and
+    gradients equal those of a pass that keeps every activation (LoRA with dropout too: the recompute draws
+    the same masks), each layer runs twice per pass, and rows with distinct contexts run in passes too (which
+    draws other dropout masks than one whole-row pass, so that case is compared without dropout)."""
+    from peft import LoraConfig, get_peft_model
+
+    from incentive.logprobs import backward_target_logprobs
+    from incentive.models import load_model
+    from incentive.models.packed_body import recompute_layers, recomputes_layers
+
+    model = load_model("tiny-random", onednn=linear_backend == "onednn")
+    lora = lora_dropout is not None
+    if lora:
+        config = LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], lora_dropout=lora_dropout, init_lora_weights=False
+        )
+        model = get_peft_model(model, config)
+    model.train()
+    gen = torch.Generator().manual_seed(4)
+    c1, c2, c3 = (torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (7, 4, 5))
+    targets = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (30, 5, 12, 20, 9)]
+    weights = torch.arange(1.0, 6.0)
+
+    def loss_of(rows, lps):
+        return sum(((lp * weights[i]).sum() for i, lp in zip(rows, lps, strict=True)), torch.zeros(()))
+
+    body = model.get_base_model().model if lora else model.model
+    calls = []
+    body.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    shared, distinct = [c1, c2, c1, c2, c1], [c1, c2, c3, c3[:3], c1[:6]]
+    for contexts in [shared] if lora_dropout else [shared, distinct]:
+        results = []
+        for recompute in (False, True):
+            recompute_layers(model, recompute)
+            assert recomputes_layers(model) == recompute
+            model.zero_grad()
+            calls.clear()
+            torch.manual_seed(0)
+            loss = backward_target_logprobs(model, contexts, targets, range(5), loss_of, 0.7)
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((loss, grads, len(calls)))
+        (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = results
+        assert loss_a == pytest.approx(loss_b, rel=1e-6)
+        assert grads_a.keys() == grads_b.keys()
+        assert all(torch.allclose(grads_a[k], grads_b[k], atol=1e-5, rtol=1e-5) for k in grads_a)
+        assert calls_b > calls_a, "each layer runs again in the backward pass"
+    recompute_layers(model, False)
+
+
+def test_activation_checkpointing_is_refused_where_the_packed_body_cannot_run():
+    from incentive.config import ConfigError, ModelConfig
+    from incentive.models import load_model
+    from incentive.models.packed_body import recompute_layers
+    from incentive.training.policy import build_policy
+
+    model = load_model("tiny-random")
+    model.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="activation checkpointing needs a Llama, Mistral or Qwen2 model"):
+        recompute_layers(model)
+    assert build_policy(ModelConfig(name="tiny-random", activation_checkpointing=True)) is not None
+    with pytest.raises(ConfigError, match="model.activation_checkpointing"):
+        import incentive.training.policy as policy
+
+        original = policy.recompute_layers
+        policy.recompute_layers = lambda m: recompute_layers(model)
+        try:
+            build_policy(ModelConfig(name="tiny-random", activation_checkpointing=True))
+        finally:
+            policy.recompute_layers = original

@@ -14,6 +14,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from incentive.config import TemplateConfig
 from incentive.data.example import Example
 from incentive.logprobs import target_logprobs
 from incentive.models.loading import load_model, load_tokenizer
@@ -30,6 +31,7 @@ from incentive.rewards.nover import (
     reasoning_perplexity,
 )
 from incentive.rollout.types import Completion, RolloutBatch
+from incentive.run import build_template
 from incentive.scorer import ModelScorer
 from incentive.templates import TagFormat
 
@@ -142,8 +144,8 @@ def test_natural_log_normaliser(tok) -> None:
 @pytest.mark.parametrize(
     "target_block",
     [
-        "<{answer}>\n{reference}\n</{answer}>",  # the default
-        "\n<{answer}>\n{reference}\n</{answer}>",  # the released code's layout
+        "<{answer}>\n{reference}\n</{answer}>",  # scored from <answer>
+        "\n<{answer}>\n{reference}\n</{answer}>",  # the released code's layout (the default)
         "\n\n<{answer}>\n{reference}\n</{answer}>",  # joint tokenization would merge "\n" + "\n" across the boundary
     ],
 )
@@ -167,6 +169,27 @@ def test_scored_tokens_are_exactly_the_target(tok, target_block: str) -> None:
         assert (
             joint != contexts[0] + targets[0]
         )  # the case that tokenizing jointly would get wrong (pitfall 3)
+
+
+def test_default_layout_scores_exactly_the_released_target_ids(tok) -> None:
+    c = completion(tok, 0, tagged("six times seven is forty two"), "42")
+    scorer = MockScorer()
+    NoverReasoning()(RolloutBatch([c]), context(tok, scorer))
+    ((contexts, targets, _),) = scorer.calls
+    # "\n" "<" "answer" ">" "\n" "4" "2" "\n" "</" "answer" ">": the leading newline and the tags are scored
+    assert targets == [[198, 44, 11247, 46, 198, 36, 34, 198, 9617, 11247, 46]]
+    assert contexts[0][-4:] == [9617, 17400, 46, 198]  # the context ends "</" "think" ">" "\n"
+    assert tok.decode(contexts[0] + targets[0]).endswith("</think>\n\n<answer>\n42\n</answer>")
+    # this tokenizer splits "\n\n<" as "\n" "\n" "<", so the released code's joint tokenization is the same
+    released = c.prompt_text + "<think>\nsix times seven is forty two\n</think>\n\n<answer>\n42\n</answer>"
+    assert ids(tok, released) == contexts[0] + targets[0]
+
+
+def test_nover_template_renders_the_released_layout(tok) -> None:
+    tags = build_template(TemplateConfig(name="nover")).tags
+    text = tags.render("6 * 7 = 42", "42")
+    assert text == "<think>\n6 * 7 = 42\n</think>\n\n<answer>\n42\n</answer>"
+    assert tags.parse(text).strict
 
 
 def test_one_scorer_call_shared_by_both_parts(tok) -> None:
@@ -299,7 +322,7 @@ class TableScorer(MockScorer):
     def __init__(self, tok) -> None:
         def fn(context: list[int], target: list[int]) -> list[float]:
             reasoning = re.findall(r"<think>\n(.*?)\n</think>\n", tok.decode(context), re.S)[-1]
-            reference = re.fullmatch(r"<answer>\n(.*)\n</answer>", tok.decode(target), re.S)
+            reference = re.fullmatch(r"\n<answer>\n(.*)\n</answer>", tok.decode(target), re.S)
             assert reference is not None
             return table_logprobs(reasoning, reference.group(1), len(target))
 
@@ -343,7 +366,7 @@ def plain_nover(
         lengths[i] = len(tok(reasoning.group(1).strip(), add_special_tokens=False)["input_ids"])
         if lengths[i] == 0:
             continue
-        target_len = len(tok(f"<answer>\n{reference}\n</answer>", add_special_tokens=False)["input_ids"])
+        target_len = len(tok(f"\n<answer>\n{reference}\n</answer>", add_special_tokens=False)["input_ids"])
         lp = table_logprobs(reasoning.group(1).strip(), reference, target_len)
         nll = -sum(lp) / len(lp)
         ppl[i] = math.exp(nll / max(1.0, 1.0 + float(np.log10(lengths[i]))))
@@ -626,7 +649,7 @@ def test_rewards_with_real_scorer_and_lora_proxy(tok, base_model) -> None:
     # (equal to the proxy at init)
     c = batch.completions[0]
     ctx_ids = c.prompt_ids + ids(tok, "<think>\n6 times 7 is 42\n</think>\n")
-    lp = target_logprobs(policy, [ctx_ids], [ids(tok, "<answer>\n42\n</answer>")])[0]
+    lp = target_logprobs(policy, [ctx_ids], [ids(tok, "\n<answer>\n42\n</answer>")])[0]
     nll = -lp.double().mean().item()
     assert reasoning.extras["ppl_raw"][0] == pytest.approx(math.exp(nll), rel=1e-4)
     assert reasoning.extras["ppl"][0] == pytest.approx(

@@ -195,9 +195,9 @@ def completion(text: str, group: int, **info: object) -> Completion:
 def test_tool_verifier_zeroes_a_correct_answer_after_an_unrepaired_error() -> None:
     batch = RolloutBatch(
         [
-            completion("<answer>6</answer>", 0, final_tool_error=True, tool_calls=1),
-            completion("<answer>6</answer>", 0, final_tool_error=False, tool_calls=1),
-            completion("<answer>7</answer>", 0, final_tool_error=True, tool_calls=1),
+            completion("<answer>6</answer>", 0, final_tool_error=True, tool_executed=1),
+            completion("<answer>6</answer>", 0, final_tool_error=False, tool_executed=1),
+            completion("<answer>7</answer>", 0, final_tool_error=True, tool_executed=1),
             completion("<answer>6</answer>", 0),
         ]
     )
@@ -212,10 +212,20 @@ def test_tool_verifier_zeroes_a_correct_answer_after_an_unrepaired_error() -> No
 
 def test_curiosity_counts_executed_calls_from_the_engine() -> None:
     calls = [0, 0, 1, 3, 0, 0, 0, 0]  # spec §12: RaPR 0.25
-    batch = RolloutBatch([completion("no tags here", 0, tool_calls=n) for n in calls])
+    batch = RolloutBatch([completion("no tags here", 0, tool_executed=n) for n in calls])
     result = CuriosityBonus()(batch, RewardContext(None, TagFormat()))
     assert result.extras["rapr"] == [0.25] * 8
     assert result.scores == pytest.approx([0, 0, 0.025, 0.025 - 0.1, 0, 0, 0, 0])
+
+
+def test_curiosity_does_not_penalise_the_refused_fifth_call(tiny) -> None:
+    episode, _ = run_episode(tiny, [call("crop_grid", bbox_2d=[0, 0, 2, 2])] * 5)
+    assert (episode.info["tool_calls"], episode.info["tool_executed"]) == (5, 4)
+    batch = RolloutBatch([episode] + [completion("no call", 7) for _ in range(7)])
+    result = CuriosityBonus()(batch, RewardContext(None, TagFormat()))
+    # RaPR 1/8: bonus 0.5·(0.3 − 0.125) = 0.0875; 4 executed calls cost 0.05·(4 − 1)
+    assert result.scores[0] == pytest.approx(0.0875 - 0.15)
+    assert result.extras["tool_calls"][0] == 4.0
 
 
 def test_sft_encoder_masks_observations_exactly_where_the_engine_puts_them(tiny) -> None:

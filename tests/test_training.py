@@ -9,10 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from incentive.config import ConfigError, load_recipe
+from incentive.logprobs import target_logprobs
+from incentive.models import load_model
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
 from incentive.rollout.types import RolloutBatch
 from incentive.run import Run, RunError
 from incentive.training.rl import RLTrainer, TooManyFailures
+from incentive.training.sft import SFTTrainer
 
 
 @REWARDS.register("test-even-tokens")
@@ -236,3 +239,73 @@ def test_sigkill_at_random_moment_then_resume_matches_uninterrupted(tmp_path):
     wa = load_file(tmp_path / "full/checkpoints/rl-000006/policy/model.safetensors")
     wb = load_file(crashed / "checkpoints/rl-000006/policy/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class RecordingOptimizer(torch.optim.SGD):
+    """Keeps a copy of each step's gradients instead of applying them."""
+
+    def step(self, closure=None):
+        self.grads = [p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+
+def sft_gradients(tiny, batch_size: int, grad_accum: int, micro_batch_tokens: int):
+    model, tokenizer = tiny
+    pairs = [
+        (f"Q{i}: what is {i} + {i * 3}?", f"<answer>{i * 4}</answer>" + " so" * (i % 3)) for i in range(10)
+    ]
+    optimizer = RecordingOptimizer(list(model.parameters()), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    args = (model, tokenizer, pairs, batch_size, optimizer, scheduler, 0, micro_batch_tokens, None)
+    trainer = SFTTrainer(*args, grad_accum=grad_accum)
+    record = trainer.step(1)
+    return optimizer.grads, record
+
+
+def test_sft_grad_accum_equals_one_big_batch(tiny):
+    big, big_record = sft_gradients(tiny, 8, 1, 4096)
+    # 4 batches of 2, each cut further by the token budget
+    accumulated, record = sft_gradients(tiny, 2, 4, 40)
+    assert record["tokens"] == big_record["tokens"]
+    assert record["loss"] == pytest.approx(big_record["loss"], rel=1e-5)
+    assert len(accumulated) == len(big)
+    for a, b in zip(accumulated, big, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    small, _ = sft_gradients(tiny, 2, 1, 4096)
+    assert not torch.allclose(small[0], big[0])  # one batch of 2 alone is a different step
+
+
+def test_recipe_grad_accum_reaches_the_sft_step(tmp_path):
+    def sft_record(name, sft):
+        run = make_run(tmp_path, f"sft: {{steps: 1, {sft}}}\nrl: {{steps: 0}}\n", name=name)
+        run.execute()
+        lines = (run.dir / "metrics.jsonl").read_text().splitlines()
+        return next(r for r in map(json.loads, lines) if r.get("stage") == "sft")
+
+    accumulated, big = sft_record("accum", "batch_size: 2, grad_accum: 3"), sft_record("big", "batch_size: 6")
+    assert accumulated["tokens"] == big["tokens"]
+    assert accumulated["loss"] == pytest.approx(big["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_reference_is_the_policy_as_rl_starts_after_sft(tmp_path, monkeypatch, lora):
+    body = "sft: {steps: 3, lr: 1.0e-2, batch_size: 4}\nrl: {steps: 1}\nloss: {kl_beta: 0.05}\n"
+    body += "model: {name: tiny-random, lora: {r: 4}}\n" if lora else ""
+    seen = []
+    original = RLTrainer._reference_logprobs
+
+    def record(self, contexts, targets):
+        ref = original(self, contexts, targets)
+        with torch.no_grad():
+            self.p.policy.eval()
+            policy = [lp.tolist() for lp in target_logprobs(self.p.policy, contexts, targets)]
+            self.p.policy.train()
+        base = [lp.tolist() for lp in target_logprobs(load_model("tiny-random"), contexts, targets)]
+        seen.append((ref, policy, base))
+        return ref
+
+    monkeypatch.setattr(RLTrainer, "_reference_logprobs", record)
+    make_run(tmp_path, body).execute()
+    ((ref, policy, base),) = seen
+    flat = [torch.tensor(sum(x, [])) for x in (ref, policy, base)]
+    torch.testing.assert_close(flat[0], flat[1], rtol=0, atol=1e-5)
+    assert (flat[0] - flat[2]).abs().max() > 1e-2  # SFT moved the policy away from the base

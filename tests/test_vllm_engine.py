@@ -180,7 +180,7 @@ def test_completions_are_grouped_and_read_like_the_cached_engines(fake_vllm, tin
     model, tokenizer = tiny
     examples, prompts = prompts_for(tokenizer)
     engine = VLLMEngine(model, tokenizer)
-    params = SamplingParams(n=3, max_new_tokens=5, temperature=0.7, top_p=0.9)
+    params = SamplingParams(n=3, max_new_tokens=5, temperature=0.7, top_p=0.9, min_new_tokens=2)
     batch = engine.generate(examples, prompts, [5, 6, 7, 8], params)
     assert batch.group_ids == [g for g in (5, 6, 7, 8) for _ in range(3)]
     stop = engine.stop_ids[0]
@@ -201,6 +201,7 @@ def test_completions_are_grouped_and_read_like_the_cached_engines(fake_vllm, tin
         "temperature": 0.7,
         "top_p": 0.9,
         "max_tokens": 5,
+        "min_tokens": 2,
         "logprobs": 0,
         "stop_token_ids": engine.stop_ids,
     }

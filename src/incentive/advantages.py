@@ -27,6 +27,10 @@ class AdvantageEstimator(ABC):
     scale_invariant: ClassVar[bool] = False
     """True when multiplying a group's scores by a constant leaves its advantages unchanged (std normalisation)."""
 
+    min_group_size: ClassVar[int] = 2
+    """Completions per prompt (generation.num_generations) below which every advantage is 0: a group-relative
+    estimator compares each completion with the others of its group, and a lone one has none."""
+
     def fit(self, examples: Sequence[Example]) -> None:
         """See the training set once before RL (e.g. to count domain shares); most estimators need nothing."""
         return None
@@ -128,7 +132,14 @@ DOMAIN_WEIGHTS: dict[str, Callable[[float], float]] = {
 class DISCO(WeightedEstimator):
     """DISCO (spec: methods/disco.md): scale a group's rewards by a domain weight from the domain's share p_d of
     the training data (log: ln(1 + 1/p_d), log_sq, inv: 1/p_d) and a self-consistency difficulty weight
-    1 / (SC + ε), SC = the group's mean reward, then take the base estimator (Dr.GRPO: r − mean, no std)."""
+    1 / (SC + ε), SC = the group's mean reward, then take the base estimator (Dr.GRPO: r − mean, no std).
+
+    SC is a fraction correct, defined for rewards ≥ 0 (the spec's fix for negative rewards is to restrict them):
+    a group with a negative reward is shifted up so its lowest reward is 0 before weighing. The shift is a no-op
+    for nonnegative groups (the paper's numbers are unchanged) and continuous at 0, the base estimators are
+    shift-invariant, a group scored {1, −0.5} weighs exactly as one scored {1, 0}, and the divisor is at least
+    range/G, so Dr.GRPO's |A| ≤ w_dom·(G − 1), the spec's own bound for 0/1 rewards (a bare 1/(SC + ε) gave
+    ~1e5 once negative rewards pushed SC to or below 0)."""
 
     name = "disco"
 
@@ -164,8 +175,8 @@ class DISCO(WeightedEstimator):
             return self.group(scores)
         weight = self.domain_weight(examples[0].domain)
         if self.difficulty_weight:
-            # SC is a fraction correct; clamped at 0 so negative rewards cannot flip or explode the weight
-            weight /= max(float(scores.mean()), 0.0) + self.eps
+            scores = scores - min(float(scores.min()), 0.0)
+            weight /= float(scores.mean()) + self.eps
         return self.base.group_of(scores * weight, examples)
 
 

@@ -1,13 +1,73 @@
-"""Command line: ``incentive train RECIPE``, ``incentive eval``, ``incentive report``, ``incentive recipes``."""
+"""Command line: ``incentive train RECIPE``, ``incentive eval``, ``incentive compare``, ``incentive report``,
+``incentive recipes``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+EVAL_FLAGS = {
+    "source": "--data",
+    "size": "--size",
+    "seed": "--seed",
+    "task_args": "--task-args",
+    "prompt_field": "--prompt-field",
+    "reference_field": "--reference-field",
+    "on_error": "--on-error",
+    "name": "--template",
+}
+"""The eval flag each DataConfig / TemplateConfig field comes from, to name it in an error."""
+
+
+def _eval_flag(loc: tuple[str | int, ...]) -> str:
+    """The flag behind a config error's location; none for a check of the whole config."""
+    return EVAL_FLAGS.get(str(loc[0]), str(loc[0])) if loc else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one ``error:`` line and exit code 2, like the command's other refusals
+    (argparse's own print the usage first, which for ``eval`` is a dozen lines)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``, so a bad flag fails at parsing, named, before models load."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def number_in(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number from ``low`` (excluded with ``low_open``) up to ``high``."""
+    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _recipe_path(name: str) -> Path:
@@ -43,20 +103,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
-    import yaml
+    from pydantic import ValidationError
 
-    from incentive.config import ConfigError, TemplateConfig
+    from incentive.config import ConfigError, TemplateConfig, explain, load_yaml
     from incentive.data import DataConfig, fit_to_context, load_examples
     from incentive.engines import SamplingParams
-    from incentive.evaluation import build_verifier, evaluate, markdown_report, write_report
+    from incentive.evaluation import build_verifier, evaluate, headline, markdown_report, write_report
     from incentive.models import context_length, load_tokenizer
     from incentive.run import build_template
     from incentive.training.policy import load_model_for_eval
 
     ks = sorted(set(args.k))
-    if ks[0] < 1 or ks[-1] > args.samples:
+    if ks[-1] > args.samples:
         raise ConfigError(f"--k values must be between 1 and --samples ({args.samples}); got {ks}")
-    task_args = yaml.safe_load(args.task_args) if args.task_args else {}
+    task_args = load_yaml(args.task_args, "--task-args") if args.task_args else {}
     if not isinstance(task_args, dict):
         raise ConfigError(f"--task-args must be a mapping, e.g. '{{min_terms: 2}}'; got {args.task_args!r}")
     try:
@@ -69,14 +129,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             reference_field=args.reference_field,
             on_error=args.on_error,
         )
+        template_cfg = TemplateConfig(name=args.template)
         verifier = build_verifier(args.verifier, args.judge, args.judge_max_new_tokens)
+    except ValidationError as err:
+        raise ConfigError(explain(err, DataConfig, key=_eval_flag)) from err
     except ValueError as err:
         raise ConfigError(str(err)) from err
     loaded = load_examples(data)
     if loaded.skipped:
         print(f"[incentive] skipped {len(loaded.skipped)} bad rows, e.g. {loaded.skipped[0]}")
     examples = loaded.examples
-    template = build_template(TemplateConfig(name=args.template))
+    template = build_template(template_cfg)
     adapter = Path(args.model) / "adapter_config.json"
     base = json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.exists() else None
     tokenizer = load_tokenizer(base or args.model)  # a LoRA adapter uses its base model's tokenizer
@@ -92,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model_for_eval(args.model)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
     params = SamplingParams(args.samples, args.max_new_tokens, temperature, args.top_p)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.sampling_seed)
     result = evaluate(
         model, tokenizer, template, examples, params, args.batch_size, verifier, ks, progress=True
     )
@@ -102,12 +165,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         verifier=args.verifier,
         samples=args.samples,
         temperature=temperature,
+        seed=args.seed,
+        sampling_seed=args.sampling_seed,
     )
-    print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("examples", "per_prompt")}, indent=2))
     print(markdown_report(result))
+    print("\n".join(headline(result)))
     if args.out:
-        json_path, md_path = write_report(result, Path(args.out))
-        print(f"[incentive] wrote {json_path} and {md_path}")
+        json_path, md_path, lines_path = write_report(result, Path(args.out))
+        print(f"[incentive] wrote {json_path}, {md_path} and {lines_path} (every completion, per prompt)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from incentive.evaluation import EvalFileError, compare, compare_lines
+
+    try:
+        result = compare(Path(args.eval_a), Path(args.eval_b), args.metric)
+    except EvalFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else "\n".join(compare_lines(result)))
     return 0
 
 
@@ -135,7 +213,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="incentive", description=__doc__)
+    parser = Parser(prog="incentive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a recipe (SFT and/or RL)")
@@ -158,8 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="embedded", help="model name/path, a checkpoint's policy folder, an adapter"
     )
     ev.add_argument("--data", required=True, help="file (jsonl/csv/parquet) or task:<reasoning-gym name>")
-    ev.add_argument("--size", type=int, default=None, help="examples (a task's default: 100; a file: all)")
-    ev.add_argument("--seed", type=int, default=1, help="task seed and sampling seed")
+    ev.add_argument(
+        "--size", type=at_least(1), default=None, help="examples (a task's default: 100; a file: all)"
+    )
+    ev.add_argument("--seed", type=int, default=1, help="task seed (which examples a task makes)")
+    ev.add_argument(
+        "--sampling-seed", type=int, default=0, help="seed of the sampling, apart from --seed's task data"
+    )
     ev.add_argument(
         "--task-args", help="reasoning-gym task settings as YAML, e.g. '{min_terms: 2, max_terms: 3}'"
     )
@@ -172,21 +255,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="a bad row (or a prompt too long for the model) stops the eval, or is left out and counted",
     )
     ev.add_argument("--template", default="think-answer")
-    ev.add_argument("--samples", type=int, default=1, help="samples per prompt (n of pass@k)")
-    ev.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k for these k (each <= --samples)")
-    ev.add_argument("--temperature", type=float, default=None, help="default: 0 for one sample, else 1")
-    ev.add_argument("--top-p", type=float, default=1.0)
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--batch-size", type=int, default=32, help="sequences generated at once")
+    ev.add_argument("--samples", type=at_least(1), default=1, help="samples per prompt (n of pass@k)")
+    ev.add_argument(
+        "--k", type=at_least(1), nargs="+", default=[1], help="pass@k for these k (each <= --samples)"
+    )
+    ev.add_argument(
+        "--temperature", type=number_in(0), default=None, help="default: 0 for one sample, else 1"
+    )
+    ev.add_argument("--top-p", type=number_in(0, 1, low_open=True), default=1.0)
+    ev.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    ev.add_argument("--batch-size", type=at_least(1), default=32, help="sequences generated at once")
     ev.add_argument("--verifier", choices=["rule", "tinyv", "general_reasoner"], default="rule")
     ev.add_argument(
         "--judge", default="embedded", help="judge model of the tinyv / general_reasoner verifiers"
     )
-    ev.add_argument("--judge-max-new-tokens", type=int, default=None, help="default: the verifier's own")
+    ev.add_argument(
+        "--judge-max-new-tokens", type=at_least(1), default=None, help="default: the verifier's own"
+    )
     ev.add_argument(
         "--out", help="a folder (eval.json + eval.md), or a .json path (a .md is written beside it)"
     )
     ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="paired comparison of two evals over the same prompts (difference, 95%% CI, p-value)",
+        description="Compare two `incentive eval --out` outputs (a folder, its eval.json, or its "
+        "eval.completions.jsonl) prompt by prompt, matched by prompt id: B - A with a 95% interval, a paired "
+        "test (McNemar exact for one sample per prompt, else the sign test over prompts) and whether the "
+        "difference is significant at 5%. Prompts that do not match are refused.",
+        epilog="example: incentive compare runs/demo/evals/base.completions.jsonl runs/demo/evals/rl.completions.jsonl",
+    )
+    cmp.add_argument("eval_a", metavar="EVAL_A", help="the baseline eval output")
+    cmp.add_argument("eval_b", metavar="EVAL_B", help="the eval output compared with it")
+    cmp.add_argument(
+        "--metric",
+        choices=["strict", "lenient", "format"],
+        default="strict",
+        help="strict accuracy, correctness regardless of format, or format rate (default: strict)",
+    )
+    cmp.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    cmp.set_defaults(func=cmd_compare)
 
     report = sub.add_parser(
         "report",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from incentive.data.config import DataConfig
+from incentive.data.config import DataConfig, follow_source_overrides, recipe_sources
+from incentive.registry import UnknownName, did_you_mean
 from incentive.training.sinks import BACKENDS, check_installed
 
 
@@ -16,6 +20,16 @@ class Strict(BaseModel):
     """Base for config sections: unknown keys fail, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def registered(module: str, registry: str, name: str) -> str:
+    """``name`` if ``module``'s registry has it, so a typo fails at load time with a did-you-mean. The module
+    is imported here, not above: importing it registers its built-in parts, and some of those import this one."""
+    try:
+        getattr(import_module(module), registry).get(name)
+    except UnknownName as err:
+        raise ValueError(str(err)) from err
+    return name
 
 
 class LoraConfig(Strict):
@@ -33,6 +47,12 @@ class ModelConfig(Strict):
         description="CPU fp32: linear layers through oneDNN; null (default): on for AMD CPUs, where it is about "
         "2x MKL's speed, off for Intel's, where MKL is faster",
     )
+    activation_checkpointing: bool = Field(
+        False,
+        description="training passes keep only each decoder layer's input and run the layer again in the "
+        "backward pass: same gradients, a fraction of the activation memory, about a third more update time "
+        "(for long completions; Llama, Mistral and Qwen2 models)",
+    )
 
 
 class TemplateConfig(Strict):
@@ -43,6 +63,11 @@ class TemplateConfig(Strict):
     answer_tag: str = "answer"
     system: str | None = None
     chat_template: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered("incentive.templates", "TEMPLATES", name)
 
 
 class VLLMConfig(Strict):
@@ -76,6 +101,12 @@ class GenerationConfig(Strict):
     num_generations: int = Field(4, ge=1, description="G: completions per prompt")
     prompts_per_step: int = Field(4, ge=1)
     max_new_tokens: int = Field(64, ge=1)
+    min_new_tokens: int = Field(
+        0,
+        ge=0,
+        description="no end token is sampled before this many new tokens (to force long completions, e.g. in "
+        "benchmarks); logprobs stay those of the model's own distribution",
+    )
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     sampling_dtype: Literal["float32", "bfloat16"] = Field(
@@ -85,6 +116,14 @@ class GenerationConfig(Strict):
         "scores in fp32)",
     )
     vllm: VLLMConfig = VLLMConfig()
+
+    @model_validator(mode="after")
+    def _lengths_consistent(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"generation.min_new_tokens ({self.min_new_tokens}) is above max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _engine_usable(self) -> GenerationConfig:
@@ -109,11 +148,22 @@ class RewardConfig(Strict):
     name: str
     weight: float = 1.0
     args: dict[str, Any] = {}
+    timeout_s: float = Field(600.0, gt=0, description="a call that takes longer fails its samples: timeout")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered("incentive.rewards", "REWARDS", name)
 
 
 class AdvantageConfig(Strict):
     name: str = "grpo"
     args: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered("incentive.advantages", "ADVANTAGES", name)
 
 
 class LossConfig(Strict):
@@ -146,6 +196,11 @@ class HookConfig(Strict):
     name: str
     args: dict[str, Any] = {}
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered("incentive.hooks", "HOOKS", name)
+
 
 class RLConfig(Strict):
     steps: int = Field(0, ge=0)
@@ -163,9 +218,15 @@ class RLConfig(Strict):
 class SFTConfig(Strict):
     steps: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="batches of batch_size accumulated into one optimizer step")
     lr: float = Field(5e-5, gt=0)
     data: DataConfig | None = None
+    without_solutions: Literal["error", "skip"] = Field(
+        "error",
+        description="data with no worked solutions to imitate (no 'reasoning' column, no task with a solution "
+        "writer): refuse the run, or skip SFT saying so (set for a recipe's SFT when --set data.source replaces "
+        "its data)",
+    )
 
 
 class ProxyConfig(Strict):
@@ -191,6 +252,11 @@ class ToolConfig(Strict):
 
     name: str
     args: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered("incentive.tools", "TOOLS", name)
 
 
 class ToolsConfig(Strict):
@@ -236,7 +302,9 @@ class Recipe(Strict):
     template: TemplateConfig = TemplateConfig()
     generation: GenerationConfig = GenerationConfig()
     tools: ToolsConfig | None = None
-    rewards: list[RewardConfig] = [RewardConfig(name="format"), RewardConfig(name="verifier")]
+    rewards: list[RewardConfig] = Field(
+        default_factory=lambda: [RewardConfig(name="format"), RewardConfig(name="verifier")]
+    )
     advantage: AdvantageConfig = AdvantageConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -259,12 +327,31 @@ class ConfigError(ValueError):
     """A recipe that cannot be used, with the file and the offending keys."""
 
 
+Loc = tuple[str | int, ...]
+"""Where in a config a pydantic error points: keys and list indices."""
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``text`` parsed as YAML, or a one-line ConfigError naming ``source`` (pyyaml's report spans lines)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{source}: not valid YAML: {err.problem or err.context}{where}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from err
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` → (["a", "b"], c) with c parsed as YAML (numbers, booleans, lists, null)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key.path=value")
+        raise ConfigError(f"--set {text}: not of the form key.path=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"--set {text}: '{key}' is not a key path like rl.steps")
+    return path, load_yaml(raw, f"--set {text}") if raw.strip() else ""
 
 
 def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -277,17 +364,112 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def read_recipe(path: Path) -> dict[str, Any]:
+    """The recipe file's mapping of sections; a missing, unreadable or malformed file is a one-line error."""
+    if not path.exists():
+        raise ConfigError(f"recipe {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a folder, not a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}); "
+            "save the recipe as UTF-8"
+        ) from err
+    except OSError as err:
+        raise ConfigError(f"recipe {path} cannot be read: {err.strerror or err}") from err
+    tree = load_yaml(text, str(path)) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    return tree
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply overrides, validate everything (before any model is loaded)."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"recipe {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    tree = read_recipe(path)
+    sources = recipe_sources(tree)
+    applied = []
     for text in overrides or []:
-        apply_override(tree, *parse_override(text))
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+        applied.append((keys, text))
+    for note in follow_source_overrides(tree, sources, [keys for keys, _ in applied]):
+        print(f"[incentive] {note}")
+
+    def origin(loc: Loc) -> str:
+        """The last --set that replaced ``loc`` or a section above it, else the file and any --set below."""
+        at = [str(part) for part in loc]
+        setting = [text for keys, text in applied if at[: len(keys)] == keys]
+        if setting:
+            return f"--set {setting[-1]}"
+        below = [f"--set {text}" for keys, text in applied if keys[: len(at)] == at]
+        return " and ".join([str(path), *below])
+
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"{path}: invalid recipe\n{err}") from err
+        raise ConfigError(explain(err, Recipe, origin)) from err
+
+
+def dotted(loc: Loc) -> str:
+    """``("rewards", 0, "name")`` → ``rewards[0].name``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def explain(
+    err: ValidationError,
+    model: type[BaseModel],
+    origin: Callable[[Loc], str] | None = None,
+    key: Callable[[Loc], str] = dotted,
+) -> str:
+    """Pydantic's report (several lines per problem, with links) as one line: per problem where it came from,
+    the key and value, what was expected, and a did-you-mean for a near-miss key or name."""
+    problems = [_problem(e, model, origin, key) for e in err.errors(include_url=False)]
+    return problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + " | ".join(problems)
+
+
+def _problem(
+    error: Any, model: type[BaseModel], origin: Callable[[Loc], str] | None, key: Callable[[Loc], str]
+) -> str:
+    """One problem of a pydantic error as ``origin: key = value: what is wrong``."""
+    loc: Loc = tuple(error["loc"])
+    kind, value = error["type"], error["input"]
+    if kind == "extra_forbidden":
+        what = f"unknown key; {did_you_mean(str(loc[-1]), _fields_at(model, loc), 'valid keys', None)}"
+    elif kind == "missing":
+        what = "missing; it is required"
+    elif kind in ("value_error", "assertion_error"):
+        what = error["msg"].split(", ", 1)[-1]  # drop pydantic's "Value error, "
+    else:
+        what = error["msg"].replace("Input should be", "should be", 1)
+        if kind == "literal_error" and isinstance(value, str):
+            options = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+            hint = did_you_mean(value, options)
+            what += f"; {hint}" if hint.startswith("did") else ""
+    name = key(loc)
+    shown = kind not in ("extra_forbidden", "missing") and not isinstance(value, dict)
+    if shown and name and not (isinstance(value, str) and f"'{value}'" in what):
+        text = repr(value)
+        name += f" = {text if len(text) <= 60 else text[:57] + '...'}"
+    return ": ".join(part for part in (origin(loc) if origin else "", name, what) if part)
+
+
+def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
+    """The keys valid beside ``loc``'s last one: the fields of the section it sits in."""
+    section: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = section.model_fields.get(part) if section else None
+        section = _section_in(field.annotation) if field else None
+    return list(section.model_fields) if section else []
+
+
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds, through ``X | None`` and ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((s for s in map(_section_in, get_args(annotation)) if s is not None), None)

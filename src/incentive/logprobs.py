@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 
 from incentive.grad_in_place import gradients_in_place
 from incentive.lm_head import FusedHead, LogitsHead, head_for, target_logprobs_from_hidden
-from incentive.models.packed_body import PackedBody, PackedRows
+from incentive.models.packed_body import PackedBody, PackedRows, recomputes_layers
 
 if TYPE_CHECKING:
     from incentive.engines.prefilled import PrefilledPrompts
@@ -179,7 +179,9 @@ def backward_target_logprobs(
     context runs again with gradient and the sum goes back through it (one more context forward, and the
     context's activations are never alive together with a pass's). The vocabulary-sized weight gradients go
     straight into ``.grad`` (:mod:`incentive.grad_in_place`). The context's first run is taken from
-    ``prefilled`` where that holds it for the current weights (the engine's prefill before sampling).
+    ``prefilled`` where that holds it for the current weights (the engine's prefill before sampling). Rows whose
+    contexts all differ run as whole rows in one pass, unless the model recomputes its layers
+    (:func:`incentive.models.packed_body.recompute_layers`): then they too run in passes, to bound memory.
     """
     with gradients_in_place():
         return _backward_target_logprobs(model, contexts, targets, indices, loss_of, temperature, prefilled)
@@ -195,7 +197,7 @@ def _backward_target_logprobs(
     prefilled: PrefilledPrompts | None,
 ) -> float:
     unique = {tuple(contexts[i]) for i in indices}
-    if len(unique) == len(indices):
+    if len(unique) == len(indices) and not recomputes_layers(model):
         logps = _whole_row_logprobs(model, contexts, targets, indices, temperature)
         loss = loss_of(list(indices), logps)
         loss.backward()

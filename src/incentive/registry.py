@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+LISTED = 12
+"""At most this many known names follow an unknown one that is close to none of them."""
+
+
+class UnknownName(KeyError):
+    """A name no part is registered under; a KeyError whose message prints as written (no quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def did_you_mean(name: str, known: Iterable[str], label: str = "known", limit: int | None = LISTED) -> str:
+    """The hint after an unknown name: the closest known name ("did you mean 'format'?"), else the known names
+    themselves (the first ``limit``, then their count), so a typo gets its fix and no hint is huge."""
+    names = sorted(known)
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if not names:
+        return f"{label}: (none)"
+    if limit is None or len(names) <= limit:
+        return f"{label}: {', '.join(names)}"
+    return f"{label}: {', '.join(names[:limit])}, ... ({len(names)} in all)"
+
 
 class Registry(Generic[T]):
-    """A named collection of parts; unknown names fail with the list of known ones."""
+    """A named collection of parts; an unknown name fails with the closest known one, or a short list."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -26,8 +51,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} '{name}'; known: {known}")
+            raise UnknownName(f"unknown {self.kind} '{name}'; {did_you_mean(name, self._items)}")
         return self._items[name]
 
     def names(self) -> list[str]:

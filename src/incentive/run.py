@@ -6,7 +6,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,15 +15,24 @@ import numpy as np
 import torch
 import transformers
 import yaml
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from incentive.advantages import ADVANTAGES
 from incentive.config import ConfigError, Recipe, TemplateConfig
-from incentive.data import DataConfig, Example, fit_to_context, load_examples, sft_pairs
+from incentive.data import (
+    DataConfig,
+    Example,
+    MissingSolutions,
+    fit_to_context,
+    keep_usable,
+    load_examples,
+    sft_pairs,
+)
 from incentive.engines import ENGINES, Engine, SamplingParams
 from incentive.engines.tools import ToolEngine
-from incentive.evaluation import evaluate
+from incentive.evaluation import evaluate, write_completions
 from incentive.hooks import HOOKS
 from incentive.losses import PolicyLoss
 from incentive.malloc import keep_freed_memory
@@ -39,9 +48,10 @@ from incentive.training.metrics import MetricsLog
 from incentive.training.optim import build_optimizer, build_scheduler
 from incentive.training.policy import build_policy, is_lora, load_policy_weights, trainable_parameters
 from incentive.training.rl import RLParts, RLTrainer, TooManyFailures
+from incentive.training.run_lock import LOCK_NAME, RunFolderBusy, RunLock
 from incentive.training.sampler import EpochSampler
 from incentive.training.sft import ObservationMaskingEncoder, SFTTrainer
-from incentive.training.signals import GracefulStop, StopRequested
+from incentive.training.signals import GracefulStop, StepDropped, StopRequested
 from incentive.training.sinks import build_sinks
 
 STAGES = ("sft", "rl")
@@ -76,6 +86,13 @@ class Run:
         # Everything that can be checked without a model is checked now, before minutes of loading.
         self.rewards = RewardPipeline(recipe.rewards)
         self.estimator = _build(ADVANTAGES, "advantage", recipe.advantage.name, recipe.advantage.args)
+        group = recipe.generation.num_generations
+        if recipe.rl.steps and group < self.estimator.min_group_size:
+            raise ConfigError(
+                f"generation.num_generations is {group}, but advantage '{recipe.advantage.name}' needs at least "
+                f"{self.estimator.min_group_size} completions per prompt (it compares each with the others of its "
+                "group; with fewer every advantage is 0 and RL never updates the policy)"
+            )
         self.hooks = [_build(HOOKS, "hook", h.name, h.args) for h in recipe.hooks]
         self.template = build_template(recipe.template)
         self.tools = self._build_tools()
@@ -84,15 +101,13 @@ class Run:
         self.tokenizer = load_tokenizer(recipe.model.name)
         self.context = context_length(recipe.model.name)
         gen_tokens = recipe.generation.max_new_tokens
-        self.train_examples = self._load(recipe.data, "data", gen_tokens)
+        self.train_examples = self._load(recipe.data, "data", gen_tokens, self._reward_problem)
         self.estimator.fit(self.train_examples)
         eval_tokens = recipe.eval.max_new_tokens or gen_tokens
         self.eval_examples = (
             self._load(recipe.eval.data, "eval.data", eval_tokens) if recipe.eval.data else []
         )
-        sft_data = recipe.sft.data or recipe.data
-        self.sft_examples = self._load(sft_data, "sft.data", 0) if recipe.sft.steps else []
-        self.sft_targets = sft_pairs(self.sft_examples, self.template.tags) if self.sft_examples else []
+        self.sft_targets = self._sft_targets() if recipe.sft.steps else []
         self._prepare_dir(overwrite)
         self.metrics = MetricsLog(self.dir / "metrics.jsonl", build_sinks(recipe, self.dir))
         self.checkpoints = Checkpoints(self.dir / "checkpoints", recipe.run.keep_last)
@@ -116,34 +131,93 @@ class Run:
             engine, self.tools, self.protocol, cfg.max_calls, cfg.max_observation_tokens, self.context
         )
 
-    def _load(self, cfg: DataConfig, name: str, max_new_tokens: int) -> list[Example]:
-        """Valid examples whose prompts fit the model's context with room for ``max_new_tokens``."""
+    def _load(
+        self,
+        cfg: DataConfig,
+        name: str,
+        max_new_tokens: int,
+        problem: Callable[[Example], str | None] | None = None,
+    ) -> list[Example]:
+        """Valid examples whose prompts fit the model's context with room for ``max_new_tokens`` and in which
+        ``problem`` (when given) finds nothing wrong."""
         result = load_examples(cfg)
+        usable, unusable = keep_usable(result.examples, cfg, problem) if problem else (result.examples, [])
         examples, too_long = fit_to_context(
-            result.examples,
+            usable,
             cfg,
             lambda e: len(self.tokenizer(self.template.render(e, self.tokenizer)).input_ids),
             max_new_tokens,
             self.context,
         )
-        skipped = result.skipped + too_long
+        skipped = result.skipped + unusable + too_long
         if skipped:
             print(f"[incentive] {name}: skipped {len(skipped)} bad rows, e.g. {skipped[0]}")
         return examples
 
+    def _reward_problem(self, example: Example) -> str | None:
+        """Why rewards of the recipe cannot score ``example`` at all (e.g. a column they need is missing): each
+        problem once, with the rewards that have it."""
+        names: dict[str, list[str]] = {}
+        for name, _, part in self.rewards.parts:
+            for problem in part.data_problems(example):
+                names.setdefault(problem, []).append(f"'{name}'")
+        if not names:
+            return None
+        parts = []
+        for problem, who in names.items():
+            also = f" (and {', '.join(who[1:])})" if len(who) > 1 else ""
+            parts.append(f"reward {who[0]}{also} {problem}")
+        return "; ".join(parts)
+
+    def _sft_targets(self) -> list[tuple[Example, str]]:
+        """The SFT stage's (example, target completion) pairs. Data without worked solutions refuses the run,
+        or, with ``sft.without_solutions: skip`` (a recipe's SFT on data --set replaced), drops the stage."""
+        cfg = self.recipe.sft
+        data = cfg.data or self.recipe.data
+        examples = self._load(data, "sft.data" if cfg.data else "data (for SFT)", 0)
+        try:
+            return sft_pairs(examples, self.template.tags, data.source)
+        except MissingSolutions as err:
+            if cfg.without_solutions == "error" or not self.recipe.rl.steps:
+                raise MissingSolutions(
+                    err.source, None, None, f"sft.steps is {cfg.steps}, but {err.problem}; set sft.steps=0"
+                ) from None
+        print(
+            f"[incentive] skipped the recipe's {cfg.steps} SFT steps: {data.source} has no worked solutions "
+            "(a 'reasoning' column, or a task with a solution writer); give SFT data with --set sft.data.source"
+        )
+        self.recipe = self.recipe.model_copy(update={"sft": cfg.model_copy(update={"steps": 0})})
+        return []
+
     def _prepare_dir(self, overwrite: bool) -> None:
+        """Lock the run folder, then check it against --resume/--overwrite and write the resolved config. The lock
+        comes first, so that nothing of a run another process holds is read, written or deleted; it is held
+        until :meth:`execute` ends (or the process does)."""
         config_file = self.dir / "config.yaml"
-        if self.dir.exists() and any(self.dir.iterdir()) and not self.resume:
-            if not overwrite:
-                raise RunError(
-                    f"{self.dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                    "or choose another --run-dir"
-                )
-            shutil.rmtree(self.dir)
         if self.resume and not config_file.exists():
             raise RunError(f"--resume: {self.dir} holds no run to resume")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+        self.lock = RunLock(self.dir)
+        try:
+            self.lock.acquire()
+        except RunFolderBusy as err:
+            raise RunError(str(err)) from None
+        try:
+            held = [path for path in self.dir.iterdir() if path.name != LOCK_NAME]
+            if held and not self.resume:
+                if not overwrite:
+                    raise RunError(
+                        f"{self.dir} already holds a run; pass --resume to continue it, --overwrite to replace "
+                        "it, or choose another --run-dir"
+                    )
+                for path in held:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            config_file.write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+        except BaseException:
+            self.lock.release()
+            raise
 
     # -- state shared across stages -------------------------------------------------------------------------
     def _evals(self) -> dict[str, Any]:
@@ -151,6 +225,11 @@ class Run:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def _save_eval(self, key: str, result: dict[str, Any]) -> None:
+        """Every completion to evals/KEY.completions.jsonl (what `incentive compare` reads), the rest to
+        evals.json."""
+        lines = Path("evals") / f"{key}.completions.jsonl"
+        write_completions(result.pop("per_prompt"), self.dir / lines)
+        result["completions_file"] = str(lines)
         evals = self._evals()
         evals[key] = result
         tmp = self.dir / "evals.json.tmp"
@@ -168,22 +247,35 @@ class Run:
             cfg.samples, cfg.max_new_tokens or self.recipe.generation.max_new_tokens, cfg.temperature
         )
         start = time.perf_counter()
+        sampling_seed = self.recipe.run.seed + 7919
         with torch.random.fork_rng():
-            torch.manual_seed(self.recipe.run.seed + 7919)
+            torch.manual_seed(sampling_seed)
             engine = self._engine(policy, tokenizer, cfg.batch_size) if self.tools else None
             result = evaluate(
                 policy, tokenizer, self.template, self.eval_examples, params, cfg.batch_size, engine=engine
             )
-        result["seconds"] = time.perf_counter() - start
+        result.update(seconds=time.perf_counter() - start, sampling_seed=sampling_seed)
         self._save_eval(key, result)
+        shown = (("accuracy", "accuracy"), ("accuracy_lenient", "any format"), ("format_rate", "format"))
+        rates = "  ".join(
+            f"{label} {result[k]:.1%} [{result[f'{k}_ci'][0]:.1%}, {result[f'{k}_ci'][1]:.1%}]"
+            for k, label in shown
+        )
         print(
-            f"[eval {key}] accuracy {result['accuracy']:.1%}  format {result['format_rate']:.1%}  "
-            f"mean length {result['length_mean']:.1f} tokens  ({result['n']} completions, {result['seconds']:.0f} s)"
+            f"[eval {key}] {rates} (95% CI)  mean length {result['length_mean']:.1f} tokens  "
+            f"({result['n']} completions, {result['seconds']:.0f} s)"
         )
         return result
 
     # -- the run ----------------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
+        """Run the stages; the run folder's lock is freed when they end, however they end."""
+        try:
+            return self._execute()
+        finally:
+            self.lock.release()
+
+    def _execute(self) -> dict[str, Any]:
         recipe = self.recipe
         transformers.utils.logging.disable_progress_bar()
         keep_freed_memory()
@@ -230,6 +322,7 @@ class Run:
             recipe.rl.micro_batch_tokens,
             recipe.optim.max_grad_norm,
             ObservationMaskingEncoder(tokenizer, self.protocol) if self.tools else None,
+            cfg.grad_accum,
         )
         start = 0
         if state is not None:
@@ -340,15 +433,22 @@ class Run:
             GracefulStop() as stop,
             tqdm(range(start + 1, steps + 1), desc="RL", unit="step", initial=start, total=steps) as bar,
         ):
+            trainer.droppable = stop.droppable
             for step in bar:
                 before = (parts.sampler.state_dict(), trainer.group_counter, rng_state())
                 try:
                     record = trainer.step(step)
-                except TooManyFailures as err:
+                except (TooManyFailures, StepDropped) as err:
                     parts.sampler.load_state_dict(before[0])
                     trainer.group_counter = before[1]
                     set_rng_state(before[2])
                     saved = self.checkpoints.save("rl", step - 1, policy, tokenizer, snapshot())
+                    if isinstance(err, StepDropped):
+                        raise StopRequested(
+                            f"stopped by {err} during rl step {step}, which was dropped (checkpoint {saved.name} "
+                            f"holds the run as it was before it); continue with: incentive train <recipe> "
+                            f"--run-dir {self.dir} --resume"
+                        ) from None
                     raise TooManyFailures(
                         f"{err}\n  checkpoint {saved.name} holds the run as it was before this step; after fixing "
                         f"the cause, retry the step with: incentive train <recipe> --run-dir {self.dir} --resume"
@@ -386,13 +486,15 @@ class Run:
         return make_proxy(policy, "ema" if cfg.sync_every else "frozen", cfg.lora_sync)
 
     def _build_reference(self, policy: PreTrainedModel, proxy: Any) -> Any:
+        """The KL anchor: the proxy, or the policy as RL first started (after any SFT), written to the run folder
+        then so that a resumed run anchors to the same model. LoRA keeps a frozen copy of the adapter only."""
         if self.recipe.loss.kl_beta == 0:
             return None
         if self.recipe.loss.kl_reference == "proxy":
             return proxy.view
-        if is_lora(policy):
-            return _adapter_off(policy)
         path = self.dir / "rl-reference"
+        if is_lora(policy):
+            return self._lora_reference(policy, path)
         if not path.exists():
             tmp = self.dir / ".rl-reference.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -402,6 +504,26 @@ class Run:
         load_policy_weights(reference, path)
         reference.eval().requires_grad_(False)
         return _view(reference)
+
+    def _lora_reference(self, policy: PreTrainedModel, path: Path) -> Any:
+        """A frozen snapshot of the adapter (the proxy's machinery), applied on the shared base weights in its view:
+        a few MB, where a full copy would double the model. An adapter still at its init (no SFT, B = 0) is the base
+        model, run with the adapter off."""
+        from incentive.proxy import LoraProxy
+
+        snapshot = LoraProxy(policy, "frozen")
+        file = path / "adapter_snapshot.safetensors"
+        if file.exists():
+            snapshot.load_state_dict(load_file(file))
+        else:
+            tmp = self.dir / ".rl-reference.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in snapshot.state_dict().items()}, tmp / file.name)
+            tmp.replace(path)
+        if snapshot.saved or any(b.any() for b in snapshot.B.values()):
+            return snapshot.view
+        return _adapter_off(policy)
 
 
 def _build(registry: Registry[Any], kind: str, name: str, args: dict[str, Any]) -> Any:
@@ -413,7 +535,7 @@ def _build(registry: Registry[Any], kind: str, name: str, args: dict[str, Any]) 
 
 
 def _adapter_off(policy: PreTrainedModel) -> Any:
-    """The LoRA policy with its adapter switched off: the initial model, at no extra memory."""
+    """The LoRA policy with its adapter switched off: the base model, at no extra memory."""
 
     @contextmanager
     def view() -> Iterator[PreTrainedModel]:

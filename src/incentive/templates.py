@@ -111,8 +111,20 @@ TEMPLATES: Registry[type[Template]] = Registry("template")
 TEMPLATES.register("think-answer")(Template)
 
 
+@dataclass(frozen=True)
+class NoverFormat(TagFormat):
+    """NOVER's released layout: a blank line between the blocks (``</think>\\n\\n<answer>``), as in its prompt's
+    skeleton and in the text its proxy scores, so SFT targets match what the proxy reads."""
+
+    def render(self, reasoning: str, answer: str) -> str:
+        t, a = self.think, self.answer
+        return f"<{t}>\n{reasoning}\n</{t}>\n\n<{a}>\n{answer}\n</{a}>"
+
+
 class NoverTemplate(Template):
     """The NOVER paper's plain-text prompt: question, marker sentence, and a tag skeleton."""
+
+    tag_format = NoverFormat
 
     def user_message(self, example: Example) -> str:
         t, a = self.tags.think, self.tags.answer

@@ -2,8 +2,18 @@
 
 from incentive.data.config import DataConfig
 from incentive.data.example import DataError, Example
-from incentive.data.fit import fit_to_context
+from incentive.data.fit import fit_to_context, keep_usable
 from incentive.data.loaders import LoadResult, load_examples
-from incentive.data.solutions import sft_pairs
+from incentive.data.solutions import MissingSolutions, sft_pairs
 
-__all__ = ["DataConfig", "DataError", "Example", "LoadResult", "fit_to_context", "load_examples", "sft_pairs"]
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "Example",
+    "LoadResult",
+    "MissingSolutions",
+    "fit_to_context",
+    "keep_usable",
+    "load_examples",
+    "sft_pairs",
+]

@@ -84,3 +84,99 @@ class DataConfig(BaseModel):
             if fields.count(name) > 1:
                 raise ValueError(f"column '{name}' is mapped to more than one of the *_field settings")
         return self
+
+
+SOURCE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "task": ("task_args", "seed", "size"),
+    "file": ("size", "prompt_field", "reference_field", "id_field", "domain_field", "difficulty_field"),
+}
+"""The settings that describe one kind of source: a task's arguments, seed and example count; a file's columns
+and row cap. They go with their source when --set swaps it for the other kind (``size`` means a different thing
+for each)."""
+
+DATA_SECTIONS: tuple[tuple[str, ...], ...] = (("data",), ("sft", "data"), ("eval", "data"))
+
+
+def source_kind(source: object) -> str:
+    """'task' for task:<name>, else 'file'."""
+    return "task" if str(source).startswith(TASK_PREFIX) else "file"
+
+
+def recipe_sources(tree: dict[str, Any]) -> dict[tuple[str, ...], str]:
+    """The source each data section of a recipe file names, read before any --set override changes one."""
+    sources = {}
+    for section in DATA_SECTIONS:
+        node = _section(tree, section)
+        if node is not None and isinstance(node.get("source"), str):
+            sources[section] = node["source"]
+    return sources
+
+
+def follow_source_overrides(
+    tree: dict[str, Any], sources: dict[tuple[str, ...], str], given: list[list[str]]
+) -> list[str]:
+    """Make a recipe tree whose data source --set replaced usable with the new source, and say what changed.
+
+    Only what the recipe file wrote is changed; a key given with --set (or under a section given whole) stays, so
+    a real conflict is still an error. With the source of a data section swapped for the other kind, its settings
+    for the old kind (``SOURCE_SETTINGS``) are dropped. With the training data replaced, the recipe's ``eval.data``
+    (held out from the data it replaced, so it says nothing about the new data) is dropped, and its SFT stage is
+    marked ``without_solutions: skip`` (it runs if the new data has worked solutions, else it is skipped, saying
+    so). Returns one note per change."""
+
+    def is_given(key: list[str]) -> bool:
+        """The key, or a section above it, was given with --set."""
+        return any(key[: len(keys)] == keys for keys in given)
+
+    def touched(key: list[str]) -> bool:
+        """The key, a section above it or a key under it was given with --set."""
+        return is_given(key) or any(keys[: len(key)] == key for keys in given)
+
+    notes = []
+    replaced = set()
+    for section, old in sources.items():
+        node = _section(tree, section)
+        if node is None or not is_given([*section, "source"]) or node.get("source") == old:
+            continue
+        replaced.add(section)
+        name, new = ".".join(section), node.get("source")
+        if source_kind(new) == source_kind(old):
+            continue
+        old_settings = SOURCE_SETTINGS[source_kind(old)]
+        dropped = [key for key in old_settings if key in node and not is_given([*section, key])]
+        for key in dropped:
+            del node[key]
+        if dropped:
+            keys = ", ".join(f"{name}.{key}" for key in dropped)
+            notes.append(
+                f"{name}.source {new} replaces the recipe's {old}: dropped the recipe's {keys} "
+                f"(settings for {source_kind(old)} sources)"
+            )
+    if ("data",) not in replaced:
+        return notes
+    held_out = sources.get(("eval", "data"))
+    if held_out and not touched(["eval", "data"]):
+        del tree["eval"]["data"]
+        notes.append(
+            f"data.source {tree['data']['source']} replaces the recipe's {sources[('data',)]}: dropped the "
+            f"recipe's eval.data ({held_out}, held out from the data replaced); to evaluate on held-out data of "
+            "yours: --set eval.data.source=FILE"
+        )
+    sft = tree.get("sft")
+    if (
+        isinstance(sft, dict)
+        and sft.get("steps")
+        and sft.get("data") is None
+        and not is_given(["sft", "steps"])
+        and not is_given(["sft", "without_solutions"])
+    ):
+        sft["without_solutions"] = "skip"
+    return notes
+
+
+def _section(tree: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+    """The mapping at ``path`` in a recipe tree, or None."""
+    node: Any = tree
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None

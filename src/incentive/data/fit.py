@@ -43,3 +43,24 @@ def fit_to_context(
             cfg.source, None, None, f"no examples fit the model's context (the first: {skipped[0]})"
         )
     return kept, skipped
+
+
+def keep_usable(
+    examples: list[Example], cfg: DataConfig, problem: Callable[[Example], str | None]
+) -> tuple[list[Example], list[DataError]]:
+    """The examples for which ``problem`` finds nothing wrong (e.g. a reward that cannot score them); another
+    raises a DataError naming its row, or is left out and returned when ``cfg.on_error`` is 'skip'."""
+    kept: list[Example] = []
+    skipped: list[DataError] = []
+    for example in examples:
+        found = problem(example)
+        if found is None:
+            kept.append(example)
+            continue
+        error = DataError(cfg.source, example.row, None, found)
+        if cfg.on_error == "raise":
+            raise error
+        skipped.append(error)
+    if not kept:
+        raise DataError(cfg.source, None, None, f"no usable examples (the first: {skipped[0]})")
+    return kept, skipped

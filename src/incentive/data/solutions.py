@@ -4,10 +4,10 @@ stage on programmatically written reasoning comes first."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from incentive.data.example import Example
+from incentive.data.example import DataError, Example
 from incentive.registry import Registry
 
 if TYPE_CHECKING:  # templates imports transformers (slow) and incentive.data (a cycle)
@@ -125,21 +125,49 @@ def arithmetic_solution(example: Example) -> str:
     return "\n".join(steps) if steps else str(value)
 
 
-def sft_pairs(examples: Iterable[Example], tags: TagFormat) -> list[tuple[Example, str]]:
+class MissingSolutions(DataError):
+    """SFT data in which no example has a worked solution: the SFT stage has nothing to imitate."""
+
+
+def solutions_needed() -> str:
+    """What SFT data must carry, for error messages."""
+    return (
+        "SFT needs worked solutions to imitate: a 'reasoning' column, or a task with a worked-solution writer "
+        f"(known: {', '.join(WORKED_SOLUTIONS.names())})"
+    )
+
+
+def sft_pairs(examples: Sequence[Example], tags: TagFormat, source: str) -> list[tuple[Example, str]]:
     """(example, target completion) pairs; the reasoning comes from a 'reasoning' metadata string if present,
-    else from the worked-solution writer of the example's reasoning-gym task."""
-    return [(example, tags.render(_reasoning(example), example.reference)) for example in examples]
+    else from the worked-solution writer of the example's reasoning-gym task. Data without any solution raises
+    MissingSolutions (one line, so a run can refuse or skip SFT before any model loads); a row without one, or
+    whose written solution disagrees with its reference, raises DataError naming ``source`` and the row."""
+    if examples and not any(_has_solution(example) for example in examples):
+        tasks = sorted({str(e.metadata["task"]) for e in examples if e.metadata.get("task")})
+        has = f"task {', '.join(tasks)} has no writer" if tasks else "no task"
+        problem = f"{solutions_needed()}; this data has no 'reasoning' and {has}"
+        raise MissingSolutions(source, None, None, problem)
+    pairs = []
+    for example in examples:
+        if not _has_solution(example):
+            raise DataError(source, example.row, "reasoning", f"missing or empty ({solutions_needed()})")
+        try:
+            pairs.append((example, tags.render(_reasoning(example), example.reference)))
+        except ValueError as err:
+            raise DataError(source, example.row, None, f"no worked solution: {err}") from err
+    return pairs
+
+
+def _has_solution(example: Example) -> bool:
+    """A non-empty 'reasoning' string, or a task whose worked solutions can be written."""
+    reasoning, task = example.metadata.get("reasoning"), example.metadata.get("task")
+    return (isinstance(reasoning, str) and bool(reasoning.strip())) or (
+        isinstance(task, str) and task in WORKED_SOLUTIONS
+    )
 
 
 def _reasoning(example: Example) -> str:
     reasoning = example.metadata.get("reasoning")
     if isinstance(reasoning, str) and reasoning.strip():
         return reasoning.strip()
-    task = example.metadata.get("task")
-    if isinstance(task, str) and task in WORKED_SOLUTIONS:
-        return WORKED_SOLUTIONS.get(task)(example)
-    has = f"task '{task}'" if task else "no task"
-    raise ValueError(
-        f"example '{example.id}' ({has}): SFT needs a 'reasoning' column in the data or a task with a "
-        f"worked-solution writer (known: {', '.join(WORKED_SOLUTIONS.names())})"
-    )
+    return WORKED_SOLUTIONS.get(example.metadata["task"])(example)

@@ -27,6 +27,9 @@ class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    min_new_tokens: int = 0
+    """No end token is drawn before this many new tokens (stop tokens are left out of the draw; reported
+    logprobs stay those of the model's own distribution)."""
 
 
 class Engine(ABC):

@@ -46,6 +46,18 @@ def sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, 
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _sample_without(
+    excluded: torch.Tensor, logits: torch.Tensor, params: SamplingParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample` with the ``excluded`` tokens left out of the draw; the logprobs are those of the full
+    distribution (log(1 - p(excluded)) added back), as HF ``generate`` and vLLM report them."""
+    logits = logits.float()
+    kept = logits.index_fill(-1, excluded, float("-inf"))
+    tokens, logprobs = sample(kept, params)
+    scale = params.temperature or 1.0
+    return tokens, logprobs + torch.logsumexp(kept / scale, -1) - torch.logsumexp(logits / scale, -1)
+
+
 def inverse_cdf(weights: torch.Tensor) -> torch.Tensor:
     """One draw per row from unnormalised non-negative ``weights``: the first index whose running sum exceeds a
     uniform fraction of the total. One uniform per row instead of ``multinomial``'s exponential per vocabulary
@@ -128,8 +140,8 @@ class CachedEngine(Engine):
         stop_text: str | None = None,
     ) -> list[Turn]:
         """``params.n`` continuations of each token context (row k·n + j is sample j of context k), each prefilled
-        once; row r stops at an end token, at ``stop_text`` (kept), or after ``limits[r]`` tokens (default
-        ``params.max_new_tokens``)."""
+        once; row r stops at an end token (none before ``params.min_new_tokens``), at ``stop_text`` (kept), or
+        after ``limits[r]`` tokens (default ``params.max_new_tokens``)."""
         model = self.model if self.low_precision is None else self.low_precision.model_for(self.model)
         ids, mask, positions = left_padded(list(contexts))
         step = DecodeStep.for_model(model)
@@ -154,8 +166,11 @@ class CachedEngine(Engine):
         ended = ["length"] * len(owner)
         stops = torch.tensor(self.stop_ids)
         tail = len(stop_text) + 2 if stop_text else 0
-        for _ in range(max(limit, default=0)):
-            new, lp = sample(logits, params)
+        for position in range(max(limit, default=0)):
+            if position < params.min_new_tokens:
+                new, lp = _sample_without(stops, logits, params)
+            else:
+                new, lp = sample(logits, params)
             done = torch.isin(new, stops)
             for k, (row, token, value) in enumerate(
                 zip(rows.tolist(), new.tolist(), lp.tolist(), strict=True)

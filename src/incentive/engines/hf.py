@@ -28,6 +28,7 @@ class HFEngine(Engine):
             input_ids=enc.input_ids,
             attention_mask=enc.attention_mask,
             max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens or None,
             do_sample=not greedy,
             temperature=None if greedy else params.temperature,
             top_p=None if greedy else params.top_p,

@@ -239,6 +239,7 @@ class VLLMEngine(Engine):
             temperature=params.temperature,
             top_p=1.0 if greedy else params.top_p,
             max_tokens=params.max_new_tokens,
+            min_tokens=params.min_new_tokens,
             logprobs=0,
             stop_token_ids=list(self.stop_ids),
         )

@@ -5,10 +5,16 @@ They are compiled with the system's C++ compiler and ninja on first use (~30 s, 
 torch version) into the incentive cache. Where that cannot happen (no AVX-512, no compiler or ninja, not Linux
 on x86-64), or with ``INCENTIVE_KERNELS=0``, :func:`kernel_ops` is None and every caller takes its PyTorch path
 instead. A compile that fails where it could run is logged as a warning (and fails the kernel tests).
+
+Processes that share the cache take turns through an OS lock on ``incentive.lock`` in the build folder, which
+dies with its holder, so a compile killed half-way cannot leave the next one waiting forever on PyTorch's own
+``lock`` file. A process waits for another's compile at most ``INCENTIVE_KERNEL_BUILD_WAIT_S`` seconds (default
+300), saying so, and then takes the PyTorch path.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -16,6 +22,9 @@ import os
 import platform
 import shutil
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,12 @@ SOURCES = tuple(
     )
 )
 HEADERS = (FOLDER / "vector_math.h", FOLDER / "kernels.h")
+WAIT_ENV = "INCENTIVE_KERNEL_BUILD_WAIT_S"
+DEFAULT_WAIT_S = 300.0
+
+
+class BuildLockTimeout(RuntimeError):
+    """Another process held the build lock for longer than this one may wait."""
 
 
 def unavailable_reason() -> str | None:
@@ -67,6 +82,9 @@ def kernel_ops() -> Any | None:
         return None
     try:
         return _build()
+    except BuildLockTimeout as exc:
+        log.warning("incentive kernels off, PyTorch ops instead: %s", exc)
+        return None
     except Exception as exc:  # a failed compile must not stop sampling: the PyTorch path still works
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         log.warning("incentive kernels off, PyTorch ops instead: compiling %s failed: %s", FOLDER, lines[-1])
@@ -78,24 +96,98 @@ def _build() -> Any:
     would register its ops twice, which aborts, so ops already loaded are returned as they are."""
     from torch.utils.cpp_extension import load
 
-    if hasattr(torch.ops.incentive_kernels, "small_rows_linear"):
+    if _loaded():
         return torch.ops.incentive_kernels
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + torch.__version__.encode())
-    tag = digest.hexdigest()[:12]
-    folder = cache_dir() / "kernels" / tag
+    folder = build_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    if not any(folder.glob("*.so")):
-        log.info("compiling the incentive kernels into %s (once per machine, ~30 s)", folder)
-    load(
-        name=f"incentive_kernels_{tag}",
-        sources=[str(s) for s in SOURCES],
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(folder),
-        is_python_module=False,
-        verbose=False,
-    )
+    with build_lock(folder, wait_limit()):
+        if not any(folder.glob("*.so")):
+            log.info("compiling the incentive kernels into %s (once per machine, ~30 s)", folder)
+        load(
+            name=f"incentive_kernels_{folder.name}",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
     return torch.ops.incentive_kernels
+
+
+def build_folder() -> Path:
+    """The cache folder of this build: one per source and torch version."""
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + torch.__version__.encode())
+    return cache_dir() / "kernels" / digest.hexdigest()[:12]
+
+
+def _loaded() -> bool:
+    """Whether this process has registered the ops already (loading them a second time would abort)."""
+    return hasattr(torch.ops.incentive_kernels, "small_rows_linear")
+
+
+def wait_limit() -> float:
+    """Seconds to wait for another process's compile, from ``INCENTIVE_KERNEL_BUILD_WAIT_S`` (a bad value is
+    reported and the default used: a typo must not stop sampling)."""
+    raw = os.environ.get(WAIT_ENV)
+    if raw is None:
+        return DEFAULT_WAIT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        log.warning(
+            "%s=%r is not a number of seconds >= 0; waiting up to %g s", WAIT_ENV, raw, DEFAULT_WAIT_S
+        )
+        return DEFAULT_WAIT_S
+    return seconds
+
+
+@contextmanager
+def build_lock(folder: Path, wait_s: float, poll_s: float = 0.2) -> Iterator[None]:
+    """Hold the build folder's lock: an ``flock`` the OS drops when its holder dies, so it is never stale. While
+    it is ours, a PyTorch ``lock`` file in the folder is ours or was left by a compile cut short, so it is removed
+    on the way in and out (torch would wait on it forever). Waits at most ``wait_s``, saying who holds the lock,
+    then raises BuildLockTimeout."""
+    path = folder / "incentive.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = path.read_text().strip() or "another process"
+                if time.monotonic() >= deadline:
+                    raise BuildLockTimeout(
+                        f"{holder} has been compiling the kernels in {folder} for longer than this process "
+                        f"waits ({wait_s:g} s, {WAIT_ENV})"
+                    ) from None
+                if not waiting:
+                    log.warning(
+                        "waiting for %s, which is compiling the kernels in %s (at most %g s, %s)",
+                        holder,
+                        folder,
+                        wait_s,
+                        WAIT_ENV,
+                    )
+                    waiting = True
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        baton = folder / "lock"
+        if baton.exists():
+            log.warning("removing %s, left by a kernel compile that was killed", baton)
+            baton.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            baton.unlink(missing_ok=True)  # left by a load() cut short here (an exception, a stop signal)
+    finally:
+        os.close(fd)
 
 
 def ops_for(*tensors: torch.Tensor) -> Any | None:

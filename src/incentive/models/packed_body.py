@@ -8,6 +8,10 @@ rows, copied into padded [rows, heads, width, head_dim] groups of similar length
 keys and values, and gathered back. The modules are the model's own, called in the same order, and attention
 is SDPA on the key/value heads (``enable_gqa``), the arithmetic of transformers' SDPA path; values and gradients
 equal the padded forward's to fp32 rounding (tested).
+
+With :func:`recompute_layers` on (``model.activation_checkpointing`` in a recipe), each decoder layer keeps only
+its input for the backward pass and runs again there (``torch.utils.checkpoint``): about one more forward pass
+of compute for a fraction of the activation memory, with the same gradients.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from incentive.kernels.rotary import rotary
@@ -83,6 +88,25 @@ class PackedRows:
         return cls(ids, positions, lengths, groups)
 
 
+_RECOMPUTE = "incentive_recompute_layers"
+
+
+def recompute_layers(model: PreTrainedModel, on: bool = True) -> None:
+    """Make the packed body of ``model`` recompute each layer's activations in the backward pass (or stop).
+    Refused for a model the packed body cannot run: the padded path keeps every activation."""
+    if on and PackedBody.for_model(model) is None:
+        raise ValueError(
+            "activation checkpointing needs a Llama, Mistral or Qwen2 model with SDPA attention, full attention "
+            f"in every layer and no attention dropout (this is {type(base_model(model)).__name__})"
+        )
+    setattr(base_model(model).model, _RECOMPUTE, on)
+
+
+def recomputes_layers(model: PreTrainedModel) -> bool:
+    """Whether :func:`recompute_layers` is on for ``model``."""
+    return bool(getattr(base_model(model).model, _RECOMPUTE, False))
+
+
 class PackedBody:
     """The body's final hidden states [tokens, hidden] of packed rows, given the embedded tokens and each
     layer's context keys and values ([contexts, kv heads, context width, head dim], as a transformers cache
@@ -90,6 +114,7 @@ class PackedBody:
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.body = base_model(model).model
+        self.recompute = recomputes_layers(model)
         attention = self.body.layers[0].self_attn
         self.apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = sys.modules[
             type(attention).__module__
@@ -113,20 +138,37 @@ class PackedBody:
         cos, sin = self.body.rotary_emb(embeds[None], rows.positions[None])
         cos, sin = cos[0], sin[0]
         hidden = embeds
+        recompute = self.recompute and torch.is_grad_enabled()
         for layer, (keys, values) in zip(self.body.layers, context_kv, strict=True):
-            attention = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            shape = (len(x), -1, attention.head_dim)
-            q = attention.q_proj(x).view(shape)
-            k = attention.k_proj(x).view(shape)
-            v = attention.v_proj(x).view(shape)
-            q, k = rotary(q, k, cos, sin, self.apply_rotary)
-            attended = torch.cat(
-                [_attend(group, q, k, v, keys, values, attention.scaling) for group in rows.groups]
-            )
-            hidden = hidden + attention.o_proj(attended)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            if recompute:
+                hidden = checkpoint(
+                    self._layer, layer, hidden, cos, sin, keys, values, rows, use_reentrant=False
+                )
+            else:
+                hidden = self._layer(layer, hidden, cos, sin, keys, values, rows)
         return self.body.norm(hidden)
+
+    def _layer(
+        self,
+        layer: torch.nn.Module,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: PackedRows,
+    ) -> torch.Tensor:
+        """One decoder layer on the packed tokens ``hidden`` [tokens, hidden size]."""
+        attention = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        shape = (len(x), -1, attention.head_dim)
+        q = attention.q_proj(x).view(shape)
+        k = attention.k_proj(x).view(shape)
+        v = attention.v_proj(x).view(shape)
+        q, k = rotary(q, k, cos, sin, self.apply_rotary)
+        attended = torch.cat([_attend(group, q, k, v, keys, values, attention.scaling) for group in rows.groups])
+        hidden = hidden + attention.o_proj(attended)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def _attend(

@@ -84,5 +84,10 @@ class Reward(ABC):
     @abstractmethod
     def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult: ...
 
+    def data_problems(self, example: Example) -> list[str]:
+        """Why this part can never score ``example``, each as "needs …" (a column missing or malformed); a run
+        checks its training data with it before any model loads, rather than fail every sample of it later."""
+        return []
+
 
 REWARDS: Registry[type[Reward]] = Registry("reward")

@@ -1,6 +1,7 @@
 """Pixel Reasoner's curiosity-driven shaping (spec: methods/pixel-reasoner.md) and its tool-aware correctness:
-r_i = c_i + α·r_curiosity + β·r_penalty. Calls are counted by the tool engine when a recipe has ``tools`` (they
-executed), otherwise as ``<tool_call>…</tool_call>`` blocks in the text."""
+r_i = c_i + α·r_curiosity + β·r_penalty. n_i is the engine's ``tool_executed`` when a recipe has ``tools`` (a
+call refused at ``max_calls`` ends the episode unexecuted and, as in the release, is not counted), otherwise the
+``<tool_call>…</tool_call>`` blocks in the text."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class CuriosityBonus(Reward):
         self.call = re.compile(rf"<{tag}>.*?</{tag}>", re.DOTALL)
 
     def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
-        calls = [int(c.info.get("tool_calls", len(self.call.findall(c.text)))) for c in batch]
+        calls = [int(c.info.get("tool_executed", len(self.call.findall(c.text)))) for c in batch]
         scores, rates = [0.0] * len(batch), [0.0] * len(batch)
         for idx in batch.groups().values():
             terms, rapr = curiosity_terms(
@@ -90,7 +91,7 @@ class ToolAwareVerifier(RuleVerifier):
             if completion.info.get("final_tool_error") and result.scores[i] > 0:
                 result.scores[i] = 0.0
                 result.reasons[i] = "correct, but the last tool call failed and was never repaired"
-        used = [int(c.info.get("tool_calls", 0)) > 0 for c in batch]
+        used = [int(c.info.get("tool_executed", 0)) > 0 for c in batch]
         correct = [float(s >= 1.0) for s in result.scores]
         result.extras["correct_with_tool"] = [
             c if u else math.nan for c, u in zip(correct, used, strict=True)

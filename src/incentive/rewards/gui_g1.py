@@ -84,11 +84,27 @@ def closeness(pred: Box, gt: Box, width: float, height: float) -> float:
     return 4 / sum(1 / s for s in scores)
 
 
+def _positive(value: Any) -> bool:
+    """A positive finite number, or text that reads as one (CSV cells are text)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number > 0
+
+
 class BoxReward(Reward):
     """Parses the predicted and reference boxes; a missing prediction scores 0, a bad reference fails."""
 
     @abstractmethod
     def score(self, pred: Box, gt: Box, example: Example) -> float: ...
+
+    def data_problems(self, example: Example) -> list[str]:
+        if parse_box(example.reference) is None:
+            return [f"needs the reference to be a box [x1, y1, x2, y2], got {example.reference!r}"]
+        return []
 
     def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
         scores: list[float] = []
@@ -127,6 +143,12 @@ class BoxIoU(BoxReward):
 @REWARDS.register("box_closeness")
 class BoxCloseness(BoxReward):
     """R_box, the box-size constraint: every edge close to the reference edge, relative to the image size."""
+
+    def data_problems(self, example: Example) -> list[str]:
+        problems = super().data_problems(example)
+        if not all(_positive(example.metadata.get(key)) for key in ("width", "height")):
+            problems.append("needs the screen size as positive numbers in 'width' and 'height' columns")
+        return problems
 
     def score(self, pred: Box, gt: Box, example: Example) -> float:
         meta = example.metadata

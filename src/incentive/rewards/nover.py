@@ -24,13 +24,15 @@ EmptyReasoning = Literal["invalid", "score"]
 ``score`` it like the released code does, with N(0) = 1, i.e. its unnormalized perplexity (spec pitfall 15)."""
 
 REASONING_BLOCK = "<{think}>\n{reasoning}\n</{think}>\n"
-TARGET_BLOCK = "<{answer}>\n{reference}\n</{answer}>"
+TARGET_BLOCK = "\n<{answer}>\n{reference}\n</{answer}>"
 
 
 @dataclass(frozen=True)
 class PerplexitySettings:
     """How reasoning perplexity is computed. ``reasoning_block`` follows the prompt in the context; ``target_block``
-    is the scored text (answer tags included, as in the released code). Both are tokenized on their own."""
+    is the scored text. Both are tokenized on their own. The defaults are the released code's layout: the proxy
+    reads ``</think>\\n\\n<answer>``, and the scored target is ``\\n<answer>\\n{g}\\n</answer>``, its leading newline
+    and answer tags included."""
 
     log_base: float = 10.0
     empty_reasoning: EmptyReasoning = "invalid"

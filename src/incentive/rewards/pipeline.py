@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
+from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 from incentive.config import ConfigError, RewardConfig
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
 from incentive.rollout.types import RolloutBatch
+from incentive.training.signals import Deadline, TimeLimitExceeded, time_limit
 
 
 @dataclass
@@ -60,12 +63,14 @@ class Scored:
 
 
 class RewardPipeline:
-    """The weighted parts of a recipe; a part that raises or returns garbage fails only its samples."""
+    """The weighted parts of a recipe; a part that raises, overruns its ``timeout_s`` or returns garbage fails
+    only its samples."""
 
     def __init__(self, configs: list[RewardConfig]) -> None:
         if not configs:
             raise ConfigError("a recipe needs at least one reward")
         self.parts: list[tuple[str, float, Reward]] = []
+        self.timeouts: dict[str, float] = {}
         seen: set[str] = set()
         for cfg in configs:
             if cfg.name in seen:
@@ -76,6 +81,7 @@ class RewardPipeline:
             except (KeyError, TypeError, ValueError) as err:
                 raise ConfigError(f"reward '{cfg.name}': {err}") from err
             self.parts.append((cfg.name, cfg.weight, part))
+            self.timeouts[cfg.name] = cfg.timeout_s
 
     def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> Scored:
         n = len(batch)
@@ -85,7 +91,7 @@ class RewardPipeline:
         components: dict[str, list[float]] = {}
         extras: dict[str, list[float]] = {}
         for name, weight, part in self.parts:
-            result = self._run(name, part, batch, ctx)
+            result = self._run(part, batch, ctx, self.timeouts[name])
             components[name] = result.scores
             for key, values in result.extras.items():
                 extras[f"{name}/{key}"] = values
@@ -100,19 +106,69 @@ class RewardPipeline:
         return Scored(total, components, extras, failed_parts, reasons)
 
     @staticmethod
-    def _run(name: str, part: Reward, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
+    def _run(part: Reward, batch: RolloutBatch, ctx: RewardContext, timeout_s: float) -> RewardResult:
         n = len(batch)
+        deadline = Deadline(timeout_s)
+        error: Exception | None = None
+        with suppress(TimeLimitExceeded), time_limit(deadline):
+            try:
+                result = part(batch, ctx)
+            except Exception as err:  # a failing reward fails its samples, not the run
+                error = err
+        if deadline.expired:  # also where the part caught the time limit's exception and went on
+            return _failed(n, f"timeout: no result within {timeout_s:g} s")
+        if error is not None:
+            return _failed(n, f"raised {type(error).__name__}: {error}")
+        return _checked(result, n)
+
+
+def _failed(n: int, reason: str) -> RewardResult:
+    """All n samples failed, for one reason."""
+    return RewardResult([math.nan] * n, [reason] * n)
+
+
+def _checked(result: object, n: int) -> RewardResult:
+    """``result`` as a RewardResult of n float scores, n reasons (str or None) and extras of n floats each.
+    Garbage fails the samples it concerns, saying what was wrong: a bad score its own sample, a bad type or
+    length all of them."""
+    if not isinstance(result, RewardResult):
+        return _failed(n, f"returned {type(result).__name__}, expected RewardResult")
+    columns = {"scores": result.scores, "reasons": result.reasons}
+    if not isinstance(result.extras, Mapping):
+        return _failed(n, f"returned extras as {type(result.extras).__name__}, expected a dict")
+    columns.update({f"extras[{key!r}]": values for key, values in result.extras.items()})
+    lists: dict[str, list[Any]] = {}
+    for name, values in columns.items():
         try:
-            result = part(batch, ctx)
-        except Exception as err:  # a failing reward fails its samples, not the run
-            return RewardResult([math.nan] * n, [f"raised {type(err).__name__}: {err}"] * n)
-        if len(result.scores) != n or len(result.reasons) != n:
-            return RewardResult(
-                [math.nan] * n, [f"returned {len(result.scores)} scores for {n} completions"] * n
-            )
-        scores = [float(s) for s in result.scores]
-        reasons = [
-            r if math.isfinite(s) or r is not None else "non-finite score"
-            for s, r in zip(scores, result.reasons, strict=True)
-        ]
-        return RewardResult(scores, reasons, result.extras)
+            if isinstance(values, str | bytes | Mapping | Set) or not isinstance(values, Iterable):
+                raise TypeError
+            lists[name] = list(values)
+        except TypeError:
+            return _failed(n, f"returned {name} as {type(values).__name__}, expected a list")
+        if len(lists[name]) != n:
+            return _failed(n, f"returned {len(lists[name])} {name} for {n} completions")
+    scores: list[float] = []
+    reasons: list[str | None] = []
+    for score, reason in zip(lists.pop("scores"), lists.pop("reasons"), strict=True):
+        value = _number(score)
+        if value is None:
+            value, reason = math.nan, f"returned score {score!r}, expected a number"
+        elif reason is None and not math.isfinite(value):
+            reason = "non-finite score"
+        scores.append(value)
+        reasons.append(None if reason is None else str(reason))
+    extras = {
+        str(key): [math.nan if (x := _number(v)) is None else x for v in lists[f"extras[{key!r}]"]]
+        for key in result.extras
+    }
+    return RewardResult(scores, reasons, extras)
+
+
+def _number(x: object) -> float | None:
+    """``x`` as a float where it is a number (bool, int, float, a NumPy or one-element tensor value), else None."""
+    if x is None or isinstance(x, str | bytes):
+        return None
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None

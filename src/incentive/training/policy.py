@@ -9,15 +9,21 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from incentive.config import ModelConfig
+from incentive.config import ConfigError, ModelConfig
 from incentive.models import load_model
 from incentive.models.lora_linear import fuse_lora
+from incentive.models.packed_body import recompute_layers
 
 
 def build_policy(cfg: ModelConfig) -> PreTrainedModel:
     """Load the model; wrap it with LoRA adapters when ``cfg.lora`` is set."""
     model = load_model(cfg.name, onednn=cfg.onednn)
     model.config.use_cache = True
+    if cfg.activation_checkpointing:
+        try:
+            recompute_layers(model)
+        except ValueError as exc:
+            raise ConfigError(f"model.activation_checkpointing: {exc}") from None
     if cfg.lora is None:
         return model
     from peft import LoraConfig, get_peft_model

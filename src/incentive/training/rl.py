@@ -7,7 +7,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,23 +68,31 @@ class RLTrainer:
         self.recipe = recipe
         self.p = parts
         gen = recipe.generation
-        self.params = SamplingParams(gen.num_generations, gen.max_new_tokens, gen.temperature, gen.top_p)
+        self.params = SamplingParams(
+            gen.num_generations, gen.max_new_tokens, gen.temperature, gen.top_p, gen.min_new_tokens
+        )
         self.group_counter = 0
         self.state: dict[str, Any] = {}
         """Shared with hooks and rewards (``RewardContext.state``); saved in checkpoints."""
+        self.droppable: Callable[[], AbstractContextManager[Any]] = nullcontext
+        """Wraps a step's rollouts and rewards, which a run may drop on a stop request (GracefulStop.droppable):
+        they change only the sampler, group counter and RNG, which the run restores."""
 
     def step(self, step: int) -> dict[str, Any]:
         """Run one step and return its metrics record."""
         p, rl = self.p, self.recipe.rl
         times = {"generate": 0.0, "reward": 0.0}
-        batch, scored = self._rollout(step, p.sampler.take(self.recipe.generation.prompts_per_step), times)
         sampling: dict[str, float] = {}
         update = True
-        if rl.dynamic_sampling.enabled:
-            kept, kept_scores, sampling = self._dynamic_sampling(step, batch, scored, times)
-            update = len(kept) > 0  # nothing varied even after refills: log the first round, skip the update
-            if update:
-                batch, scored = kept, kept_scores
+        with self.droppable():
+            examples = p.sampler.take(self.recipe.generation.prompts_per_step)
+            batch, scored = self._rollout(step, examples, times)
+            if rl.dynamic_sampling.enabled:
+                kept, kept_scores, sampling = self._dynamic_sampling(step, batch, scored, times)
+                # nothing varied even after refills: log the first round, skip the update
+                update = len(kept) > 0
+                if update:
+                    batch, scored = kept, kept_scores
         scores = torch.tensor(scored.total, dtype=torch.float64)
         advantages = p.estimator(scores, batch.group_ids, [c.example for c in batch])
         t0 = time.perf_counter()

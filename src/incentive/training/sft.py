@@ -45,7 +45,10 @@ class ObservationMaskingEncoder(TargetEncoder):
 
 
 class SFTTrainer:
-    """Token-mean negative log-likelihood of the target (EOS included), accumulated over micro-batches."""
+    """Token-mean negative log-likelihood of the target (EOS included), accumulated over micro-batches: each
+    optimizer step takes ``grad_accum`` batches of ``batch_size``, run one after another (each cut further by
+    token budget) and weighed by the tokens of all of them, so the step equals one batch ``grad_accum`` times as
+    large."""
 
     def __init__(
         self,
@@ -59,11 +62,13 @@ class SFTTrainer:
         micro_batch_tokens: int,
         max_grad_norm: float | None,
         encoder: TargetEncoder | None = None,
+        grad_accum: int = 1,
     ) -> None:
         self.policy = policy
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.batch_size = batch_size
+        self.grad_accum = grad_accum
         self.micro_batch_tokens = micro_batch_tokens
         self.max_grad_norm = max_grad_norm
         encode = encoder or TargetEncoder(tokenizer)
@@ -75,7 +80,7 @@ class SFTTrainer:
 
     def step(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        batch = self.sampler.take(self.batch_size)
+        batch = self.sampler.take(self.batch_size * self.grad_accum)
         contexts = [c for c, _, _ in batch]
         targets = [t for _, t, _ in batch]
         masks = [torch.tensor(m) for _, _, m in batch]
@@ -87,8 +92,11 @@ class SFTTrainer:
             weighted = torch.cat([lp * masks[i] for lp, i in zip(logps, rows, strict=True)])
             return -weighted.sum() / n_tokens
 
-        for chunk in plan_batches(contexts, targets, self.micro_batch_tokens):
-            total += backward_target_logprobs(self.policy, contexts, targets, chunk, loss_of)
+        for first in range(0, len(batch), self.batch_size):
+            part = slice(first, first + self.batch_size)
+            for chunk in plan_batches(contexts[part], targets[part], self.micro_batch_tokens):
+                rows = [first + i for i in chunk]
+                total += backward_target_logprobs(self.policy, contexts, targets, rows, loss_of)
         params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
         if torch.isfinite(norm):

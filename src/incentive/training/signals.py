@@ -1,10 +1,15 @@
-"""SIGINT/SIGTERM become a flag checked between steps, so a run saves a checkpoint and stops cleanly;
-a second signal stops at once."""
+"""SIGINT/SIGTERM become a stop request: work that can be dropped (a step's rollouts and rewards) is dropped at
+once, anything else finishes; then the run saves a checkpoint of the last finished step and stops. A repeated
+signal only repeats the request, so the checkpoint is always written. Also: :func:`time_limit`, which cuts off
+code on the main thread that overruns, even while it sleeps or waits."""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -13,20 +18,43 @@ class StopRequested(RuntimeError):
     """The run was asked to stop and has saved its state; ``--resume`` continues it."""
 
 
+class StepDropped(BaseException):
+    """A stop request reached :meth:`GracefulStop.droppable` work. A BaseException, so that code which catches
+    Exception (a reward's own error handling) cannot swallow it."""
+
+
 class GracefulStop:
-    """Context manager that defers SIGINT/SIGTERM to the next step boundary."""
+    """Context manager that turns SIGINT/SIGTERM into ``requested``, checked by the run between steps, and
+    into StepDropped inside :meth:`droppable` work."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
+        self._droppable = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if self.requested:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without saving")
-        self.requested = signal.Signals(signum).name
-        print(f"\n[incentive] {self.requested} received: finishing this step, saving, then stopping")
+            print(f"\n[incentive] {name} again: already stopping; saving the checkpoint first", flush=True)
+        else:
+            self.requested = name
+            print(f"\n[incentive] {name} received: saving the last finished step, then stopping", flush=True)
+        if self._droppable:
+            raise StepDropped(name)
+
+    @contextmanager
+    def droppable(self) -> Iterator[None]:
+        """Run work that a stop request cuts short with StepDropped (at once if one is pending): work whose
+        effects the caller can undo, such as rollouts and their rewards."""
+        if self.requested:
+            raise StepDropped(self.requested)
+        self._droppable = True
+        try:
+            yield
+        finally:
+            self._droppable = False
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
@@ -37,5 +65,68 @@ class GracefulStop:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        """Restore the previous handlers; after a stop request, keep answering repeats instead: the process is
+        on its way out (exit code 130), and a repeat arriving now would otherwise kill it with the default
+        action before it could report."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, _already_stopping if self.requested else handler)
+
+
+def _already_stopping(signum: int, frame: FrameType | None) -> None:
+    print(f"\n[incentive] {signal.Signals(signum).name} again: already stopping", flush=True)
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised in the main thread when a :func:`time_limit` block overruns; a BaseException, so that code under
+    the limit which catches Exception cannot swallow it."""
+
+
+@dataclass
+class Deadline:
+    """A time limit for :func:`time_limit`: ``expired`` once its time is up, even where the block swallowed the
+    exception and finished anyway."""
+
+    seconds: float
+    expired: bool = False
+
+
+_LIMIT_SIGNAL: int | None = getattr(signal, "SIGRTMIN", None)
+"""A real-time signal of its own (so SIGALRM stays free for code under the limit, such as the verifier's)."""
+_current: Deadline | None = None
+
+
+def _on_limit_signal(signum: int, frame: FrameType | None) -> None:
+    if _current is not None and _current.expired:
+        raise TimeLimitExceeded(f"no result within {_current.seconds:g} s")
+
+
+@contextmanager
+def time_limit(deadline: Deadline) -> Iterator[None]:
+    """Raise TimeLimitExceeded in the block once it has run ``deadline.seconds``: a watchdog thread signals the
+    main thread, which wakes even from a sleep or a blocking wait. Enforced on the main thread of Linux processes
+    only (elsewhere the block runs unlimited); blocks do not nest."""
+    global _current
+    if _LIMIT_SIGNAL is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(_LIMIT_SIGNAL) is not _on_limit_signal:
+        signal.signal(_LIMIT_SIGNAL, _on_limit_signal)  # kept installed: a late signal then finds no deadline
+    done = threading.Event()
+    main = threading.get_ident()
+    limit_signal = _LIMIT_SIGNAL
+
+    def watch() -> None:
+        if not done.wait(deadline.seconds):
+            deadline.expired = True
+            signal.pthread_kill(main, limit_signal)
+
+    _current = deadline
+    watchdog = threading.Thread(target=watch, name="incentive-time-limit", daemon=True)
+    try:
+        watchdog.start()
+        yield
+    finally:
+        done.set()
+        _current = None
+        if watchdog.is_alive():
+            watchdog.join()

@@ -1,0 +1,191 @@
+"""How an RL step's time and memory grow with completion length and model width, incentive against TRL.
+
+    .venv/bin/python bench/cost_curve.py                         # lengths 64 256 512 1024, embedded + wide
+    .venv/bin/python bench/cost_curve.py --lengths 64 256 --models embedded
+
+At each point both tools run the same full fine-tuning GRPO step (4 prompts x 4 completions, every completion
+exactly L new tokens: no end token is sampled before L), each in its own process, ``--steps`` steps of which the
+first is warm-up, as in ``bench/grpo_vs_trl.py`` (whose children this reuses). Models: ``embedded``
+(SmolLM2-135M) and ``wide``, a random-initialised model of the same family at twice its width (hidden 1152,
+18 heads of 64, 6 key/value heads, MLP 3072; ~4x the body's parameters), written once into the incentive cache.
+TRL trains in micro-batches small enough for this machine's memory (fewer completions per pass as L grows).
+Writes bench/results/cost_curve-MACHINE.{json,md} and docs/images/cost_curve-MACHINE.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from grpo_vs_trl import (
+    ROOT,
+    Workload,
+    machine_kind,
+    measured_matmul_rates,
+    ratios,
+    run_child,
+    summarize,
+)
+from progress import Progress
+
+WIDE = {
+    "hidden_size": 1152,
+    "intermediate_size": 3072,
+    "num_attention_heads": 18,
+    "num_key_value_heads": 6,
+    "head_dim": 64,
+}
+
+
+def wide_model() -> Path:
+    """The embedded model's configuration at twice its width, random-initialised (seed 0), with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from incentive.models.loading import embedded_dir
+    from incentive.paths import cache_dir
+
+    target = cache_dir() / "models" / "bench-wide-random"
+    if (target / "model.safetensors").exists():
+        return target
+    config = AutoConfig.from_pretrained(embedded_dir())
+    for key, value in WIDE.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(embedded_dir()).save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def workload(model: str, length: int) -> Workload:
+    """The curve's step at one point; TRL's micro-batch keeps its activations to ~4k tokens (2k when wide)."""
+    budget = 2048 if model != "embedded" else 4096
+    return Workload(
+        prompts=4,
+        generations=4,
+        max_new_tokens=length,
+        min_new_tokens=length,
+        reward="digits",
+        model=model,
+        trl_micro_batch=max(1, min(16, budget // length)),
+    )
+
+
+def plot(results: dict, path: Path) -> None:
+    """Step time and peak RSS against completion length, one line per (tool, model), ratios annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model, points in results["models"].items():
+        lengths = [p["length"] for p in points]
+        for tool, style in (("trl", "--"), ("incentive", "-")):
+            label = f"{'TRL' if tool == 'trl' else 'incentive'}, {model}"
+            time_ax.plot(lengths, [p[tool]["median_step_s"] for p in points], style, marker="o", label=label)
+            memory_ax.plot(lengths, [p[tool]["peak_rss_gb"] for p in points], style, marker="o", label=label)
+        for p in points:
+            q = p["ratios"]
+            time_ax.annotate(
+                f"{q['step_time_trl_over_incentive']:.1f}x",
+                (p["length"], p["incentive"]["median_step_s"]),
+                textcoords="offset points",
+                xytext=(4, -12),
+                fontsize=8,
+            )
+            memory_ax.annotate(
+                f"{q['peak_rss_incentive_over_trl']:.2f}",
+                (p["length"], p["incentive"]["peak_rss_gb"]),
+                textcoords="offset points",
+                xytext=(4, -12),
+                fontsize=8,
+            )
+    for ax, title in ((time_ax, "step time (s); TRL / incentive"), (memory_ax, "peak RSS (GB); incentive / TRL")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("completion length (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Full fine-tuning GRPO step, 4 prompts x 4 completions, {results['machine']['model_name']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| model | length | TRL step (s) | incentive step (s) | ratio | TRL gen / train (s) "
+        "| incentive gen / train (s) | TRL RSS (GB) | incentive RSS (GB) | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, points in results["models"].items():
+        for p in points:
+            t, i, q = p["trl"], p["incentive"], p["ratios"]
+            lines.append(
+                f"| {model} | {p['length']} | {t['median_step_s']:.1f} | {i['median_step_s']:.1f} "
+                f"| {q['step_time_trl_over_incentive']:.2f}x "
+                f"| {t['median_generate_s']:.1f} / {t['median_train_s']:.1f} "
+                f"| {i['median_generate_s']:.1f} / {i['median_train_s']:.1f} "
+                f"| {t['peak_rss_gb']:.2f} | {i['peak_rss_gb']:.2f} | {q['peak_rss_incentive_over_trl']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512, 1024])
+    parser.add_argument("--models", nargs="+", default=["embedded", "wide"], choices=["embedded", "wide"])
+    parser.add_argument("--steps", type=int, default=2, help="steps per run; the first is warm-up")
+    args = parser.parse_args()
+    names = {m: (m if m == "embedded" else str(wide_model())) for m in args.models}
+    rates = [measured_matmul_rates("before the runs")]
+    kind = machine_kind()
+    results: dict = {
+        "machine": {**kind, "matmul_gflops": rates},
+        "workload": {"prompts": 4, "generations": 4, "steps": args.steps, "variant": "full"},
+        "models": {},
+    }
+    progress = Progress("curve", len(args.models) * len(args.lengths) * 2)
+    raw: dict[tuple[str, int], dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            for length in args.lengths:
+                work = workload(names[model], length)
+                for tool in ("trl", "incentive"):
+                    progress.start(f"{model}, {length} tokens: {'TRL' if tool == 'trl' else tool}")
+                    out = Path(tmp) / f"{tool}-{model}-{length}.json"
+                    raw.setdefault((model, length), {})[tool] = run_child(tool, "full", args.steps, out, "float32", work)
+        rates.append(measured_matmul_rates("after the runs"))
+    rate = max(r for sample in rates for name, r in sample.items() if isinstance(r, float))
+    results["machine"]["utilisation_denominator_gflops"] = rate
+    for (model, length), runs in raw.items():
+        trl, inc = summarize([runs["trl"]], "full", rate), summarize([runs["incentive"]], "full", rate)
+        results["models"].setdefault(model, []).append(
+            {
+                "length": length,
+                "workload": asdict(workload(names[model], length)),
+                "trl": trl,
+                "incentive": inc,
+                "ratios": ratios(trl, inc),
+                "raw": runs,
+            }
+        )
+    target = ROOT / "bench" / "results"
+    target.mkdir(parents=True, exist_ok=True)
+    stem = f"cost_curve-{kind['kind']}"
+    (target / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    markdown = f"Machine: {kind['model_name']} ({kind['kind']}).\n\n" + table(results)
+    (target / f"{stem}.md").write_text(markdown)
+    plot(results, ROOT / "docs" / "images" / f"{stem}.png")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ def test_hand_computed_product():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 32])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 32, 64, 101, 128])
 @pytest.mark.parametrize(("out", "inner"), [(33, 70), (3, 5), (64, 576), (8, 1536)])
 def test_matches_a_float64_product(rows, out, inner):
     """Tiles of 6 rows and their remainders, groups of 4 weight rows and the last partial group, K with and
@@ -100,11 +100,18 @@ def test_rejects_what_it_does_not_compute():
     assert linear(torch.ones(0, 3), [torch.ones(4, 3)]).shape == (0, 4)
 
 
-def test_many_rows_and_other_dtypes_go_to_f_linear():
-    """Bit-equal to F.linear where the kernel does not run: above MAX_ROWS rows, bf16, no rows."""
+@pytest.mark.parametrize("onednn", [False, True])
+def test_many_rows_and_other_dtypes_go_to_f_linear(monkeypatch, onednn):
+    """Bit-equal to F.linear where the kernel does not run: above the row limit of this kind of machine (32 where
+    MKL is the linear layers' BLAS, 128 where oneDNN is), bf16, no rows; the kernel up to the limit."""
+    monkeypatch.setattr(small_rows, "onednn_preferred", lambda: onednn)
+    assert small_rows.max_rows() == (small_rows.MAX_ROWS_ONEDNN if onednn else small_rows.MAX_ROWS_MKL)
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(8, 16, generator=generator)
-    many = torch.randn(small_rows.MAX_ROWS + 1, 16, generator=generator)
+    at_limit = torch.randn(small_rows.max_rows(), 16, generator=generator)
+    assert small_rows.applies(at_limit, [weight]) == (build.kernel_ops() is not None)
+    many = torch.randn(small_rows.max_rows() + 1, 16, generator=generator)
+    assert not small_rows.applies(many, [weight])
     assert torch.equal(small_rows.linear(many, weight), F.linear(many, weight))
     low = many[:4].bfloat16()
     assert torch.equal(small_rows.linear(low, weight.bfloat16()), F.linear(low, weight.bfloat16()))

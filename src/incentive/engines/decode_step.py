@@ -81,7 +81,7 @@ class DecodeStep:
         cos, sin = cos[:, None], sin[:, None]
         rotated = (self.heads + self.kv_heads) * self.head_dim
         allowed = mask.bool()
-        ops = build.ops_for(hidden) if rows <= small_rows.MAX_ROWS else None
+        ops = build.ops_for(hidden) if rows <= small_rows.max_rows() else None
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             if not isinstance(kv, PreallocatedLayer):
                 raise TypeError("the decode step writes into a preallocated cache (engines.kv.preallocate)")

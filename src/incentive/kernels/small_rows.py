@@ -4,8 +4,8 @@ A decode step multiplies 1-32 rows by every weight of the model. MKL's fp32 GEMM
 before it multiplies, so at these row counts it reads the weights and then computes, one after the other: on
 a 2-core Xeon the linear layers of the embedded model take ~50 ms per step at 16 rows against ~20 ms for one
 pass over their 424 MB. The kernel reads each weight once, in its ``nn.Linear`` layout, prefetching ahead while
-it multiplies: ~37 ms at 16 rows, ~27 ms at 8 (see docs/performance.md). Above :data:`MAX_ROWS` rows MKL is
-faster again and takes over, as it does where the kernels are not built (:mod:`incentive.kernels.build`).
+it multiplies (see docs/performance.md). Above :func:`max_rows` rows the BLAS is faster again and takes over, as
+it does where the kernels are not built (:mod:`incentive.kernels.build`).
 Sums run in a fixed order, so results are deterministic and do not depend on the thread count; they agree with
 ``F.linear`` to fp32 rounding, not bit for bit.
 """
@@ -18,9 +18,19 @@ import torch
 from torch.nn import functional as F
 
 from incentive.kernels import build
+from incentive.models.onednn import onednn_preferred
 
-MAX_ROWS = 32
-"""Up to this many rows the kernel beats MKL on a 2-core Xeon (16 rows: 37 vs 50 ms; 48 rows: 67-71 vs 65)."""
+MAX_ROWS_MKL = 32
+"""Rows up to which the kernel beats MKL where MKL runs its own AVX-512 code (Intel CPUs)."""
+MAX_ROWS_ONEDNN = 128
+"""Rows up to which the kernel beats oneDNN (and MKL's AVX2 code) on the CPUs where the linear layers go through
+oneDNN (AMD): measured on a 2-core EPYC, see docs/performance.md."""
+
+
+def max_rows() -> int:
+    """The most rows the kernel takes on this machine: where the BLAS the linear layers use by default
+    (:func:`incentive.models.onednn.onednn_preferred`) overtakes it."""
+    return MAX_ROWS_ONEDNN if onednn_preferred() else MAX_ROWS_MKL
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,9 +40,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     """Whether :func:`linear_cat` runs the kernel on ``x`` and ``weights``: it is built, the tensors are fp32
-    CPU data and ``x`` has 1 to :data:`MAX_ROWS` rows."""
+    CPU data and ``x`` has 1 to :func:`max_rows` rows."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return 0 < rows <= MAX_ROWS and build.ops_for(x, *weights) is not None
+    return 0 < rows <= max_rows() and build.ops_for(x, *weights) is not None
 
 
 def linear_cat(

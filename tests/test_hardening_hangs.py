@@ -272,3 +272,17 @@ def test_sigterm_during_a_hung_reward_stops_at_once_with_the_last_finished_step(
     assert "Traceback" not in err and "Traceback" not in out
     assert "SIGTERM" in err and "rl step 2, which was dropped" in err and "--resume" in err
     assert (run_dir / "checkpoints" / "latest").read_text() == "rl-000001"
+
+
+def test_a_stop_request_leaves_the_previous_handlers_in_place():
+    """In a process that goes on after a run stopped (a notebook, the test suite), the signals keep their
+    handlers: an ignored SIGTERM would pass on to every process started later."""
+    import signal as signals
+
+    from incentive.training.signals import GracefulStop
+
+    before = signals.getsignal(signals.SIGTERM)
+    with GracefulStop() as stop:
+        stop._handle(signals.SIGTERM, None)
+        assert stop.requested == "SIGTERM"
+    assert signals.getsignal(signals.SIGTERM) is before

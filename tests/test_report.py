@@ -11,10 +11,10 @@ import pytest
 
 from incentive.cli import main
 from incentive.report.loading import load_run, load_runs
-from incentive.report.plots import reward_figure
+from incentive.report.plots import accuracy_figure, reward_figure, signal_figure, update_figure
 
 ROOT = Path(__file__).resolve().parents[1]
-PLOTS = ("reward", "accuracy", "length", "kl_clip", "throughput", "failures", "sft")
+PLOTS = ("reward", "accuracy", "length", "kl_clip", "update", "signal", "throughput", "failures", "sft")
 PLANTED = "<script>alert('pwned')</script></pre></td>"
 TRAIN = [
     "train",
@@ -122,6 +122,42 @@ def test_sample_browser_matches_metrics(run_dir, report):
     assert report.count("<option ") == 3 and '<option value="3" selected>' in report
 
 
+def test_browser_shows_the_verifiers_verdict_on_each_completion(run_dir, report):
+    records = rl_records(run_dir)
+    pages = step_pages(report)
+    for record in records:
+        page = pages[record["step"]]
+        assert "<th>correct (verifier)</th>" in page
+        for sample in record["samples"]:
+            assert sample["reference"] and isinstance(sample["correct"], bool)
+            assert isinstance(sample["correct_lenient"], bool)
+            assert sample["correct"] <= sample["correct_lenient"]
+        cells = re.findall(r'<td class="verdict" data-correct="(\w*)">', page)
+        assert cells == [str(s["correct"]).lower() for s in record["samples"]]
+        judged = f"correct {sum(s['correct'] for s in record['samples'])}/{len(record['samples'])}</option>"
+        assert judged in report
+
+
+def test_verdicts_read_right_wrong_and_any_format(planted, tmp_path):
+    judged = tmp_path / "judged"
+    shutil.copytree(planted, judged)
+    lines = (judged / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-2])
+    verdicts = [(True, True, "42"), (False, True, "<b>7</b>")]
+    for sample, (correct, lenient, answer) in zip(record["samples"], verdicts, strict=True):
+        sample.update(correct=correct, correct_lenient=lenient, answer=answer)
+    record["samples"].append({"completion": "no reference", "correct": None, "correct_lenient": None})
+    (judged / "metrics.jsonl").write_text("\n".join([*lines[:-2], json.dumps(record)]) + "\n")
+    assert main(["report", str(judged), "--out", str(tmp_path / "out")]) == 0
+    page = step_pages((tmp_path / "out" / "report.html").read_text())[record["step"]]
+    cells = re.findall(r'<td class="verdict" data-correct="(\w*)">(.*?)</td>', page)
+    assert [c for c, _ in cells] == ["true", "false", ""]
+    assert "✓ correct" in cells[0][1] and "read: 42" in cells[0][1]
+    assert "✗ strict" in cells[1][1] and "✓ any format" in cells[1][1]
+    assert "read: &lt;b&gt;7&lt;/b&gt;" in cells[1][1]
+    assert cells[2][1] == "–"
+
+
 def test_summaries_show_the_run_and_its_evals(run_dir, report):
     evals = json.loads((run_dir / "evals.json").read_text())
     assert set(evals) == {"base", "sft", "rl"}
@@ -205,4 +241,61 @@ def test_old_single_step_run_without_newer_keys(tmp_path):
     html = (old / "report" / "report.html").read_text()
     assert step_pages(html)[1].count('<tr class="sample">') == 2
     assert "<th>reasoning</th>" not in html and "<th>details</th>" not in html
-    assert {p.stem for p in (old / "report").glob("*.png")} == {"reward", "length", "kl_clip", "failures"}
+    assert {p.stem for p in (old / "report").glob("*.png")} == {
+        "reward",
+        "length",
+        "kl_clip",
+        "update",
+        "signal",
+        "failures",
+    }
+    assert "<th>correct (verifier)</th>" not in html
+
+
+def panel_lines(fig) -> dict[str, list[list[float]]]:
+    """Each panel's title → the y values of its data lines."""
+    return {ax.get_title(): [list(line.get_ydata()) for line in ax.get_lines()] for ax in fig.axes}
+
+
+def test_learning_plots_draw_the_logged_rl_metrics(run_dir):
+    run = load_run(run_dir)
+    records = rl_records(run_dir)
+    keys = ("train/loss", "train/grad_norm", "lr", "advantage/std", "advantage/zero_share")
+    keys += ("advantage/no_signal_group_share", "policy/entropy_estimate")
+    assert all(isinstance(r[key], float) for r in records for key in keys)
+    assert all(0.0 < r["policy/entropy_estimate"] < 20.0 for r in records)
+    update = panel_lines(update_figure([run]))
+    assert update["loss"] == [[r["train/loss"] for r in records]]
+    assert update["gradient norm (before clipping)"] == [[r["train/grad_norm"] for r in records]]
+    assert update["learning rate"] == [[r["lr"] for r in records]]
+    signal = panel_lines(signal_figure([run]))
+    assert signal["advantage std"] == [[r["advantage/std"] for r in records]]
+    assert signal["without signal"] == [
+        [r["advantage/zero_share"] for r in records],
+        [r["advantage/no_signal_group_share"] for r in records],
+    ]
+    entropy = next(v for k, v in signal.items() if k.startswith("policy entropy"))
+    assert entropy == [[r["policy/entropy_estimate"] for r in records]]
+
+
+def test_accuracy_plot_draws_strict_and_any_format_with_intervals(run_dir, tmp_path):
+    evals = json.loads((run_dir / "evals.json").read_text())
+    assert all(len(evals[s][f"{k}_ci"]) == 2 for s in evals for k in ("accuracy", "accuracy_lenient"))
+    copy = tmp_path / "ci"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "report"))
+    made_up = {"sft": (0.25, 0.1, 0.5, 0.5), "rl": (0.5, 0.3, 0.7, 0.75)}  # strict, its interval, any format
+    for stage, (rate, low, high, lenient) in made_up.items():
+        evals[stage].update(accuracy=rate, accuracy_ci=[low, high], accuracy_lenient=lenient)
+        evals[stage]["accuracy_lenient_ci"] = [lenient - 0.2, min(1.0, lenient + 0.2)]
+    (copy / "evals.json").write_text(json.dumps(evals))
+    bars, curve = accuracy_figure([load_run(copy)]).axes
+    assert [line.get_label() for line in curve.get_lines()] == ["ci: strict", "ci: any format"]
+    strict, lenient = (list(line.get_ydata()) for line in curve.get_lines())
+    assert strict == [0.25, 0.5] and lenient == [0.5, 0.75]  # before RL (after SFT) at 0, after RL at 3
+    (band, lenient_band) = curve.collections
+    low_high = band.get_paths()[0].vertices[:, 1]
+    assert min(low_high) == pytest.approx(0.1) and max(low_high) == pytest.approx(0.7)
+    assert max(lenient_band.get_paths()[0].vertices[:, 1]) == pytest.approx(0.95)
+    heights = sorted(round(p.get_height(), 3) for p in bars.patches)
+    base = [evals["base"]["accuracy"], evals["base"]["accuracy_lenient"]]
+    assert heights == sorted([*base, 0.25, 0.5, 0.5, 0.75])

@@ -9,12 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from incentive.config import ConfigError, load_recipe
+from incentive.data.example import Example
 from incentive.logprobs import target_logprobs
 from incentive.models import load_model
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
-from incentive.rollout.types import RolloutBatch
+from incentive.rewards.verifier import RuleVerifier
+from incentive.rollout.types import Completion, RolloutBatch
 from incentive.run import Run, RunError
-from incentive.training.rl import RLTrainer, TooManyFailures
+from incentive.templates import SingleBlockFormat, TagFormat
+from incentive.training.rl import RLTrainer, TooManyFailures, advantage_stats, entropy_estimate, verdict
 from incentive.training.sft import SFTTrainer
 
 
@@ -309,3 +312,72 @@ def test_kl_reference_is_the_policy_as_rl_starts_after_sft(tmp_path, monkeypatch
     flat = [torch.tensor(sum(x, [])) for x in (ref, policy, base)]
     torch.testing.assert_close(flat[0], flat[1], rtol=0, atol=1e-5)
     assert (flat[0] - flat[2]).abs().max() > 1e-2  # SFT moved the policy away from the base
+
+
+def test_entropy_estimate_is_the_mean_negative_logprob_of_the_policys_tokens():
+    ex = Example("3 + 4 =", "7")
+    batch = RolloutBatch(
+        [
+            Completion(0, ex, "", [1], [5, 6, 7], "a", logprobs=[-0.5, -1.0, -2.5]),
+            # a tool episode: the two tool-written tokens in the middle are not the policy's
+            Completion(0, ex, "", [1], [5, 6, 7, 8], "b", [-1.5, 0.0, 0.0, -3.0], loss_mask=[1, 0, 0, 1]),
+            Completion(1, ex, "", [1], [5, 6], "c"),  # no sampling logprobs: left out
+        ]
+    )
+    expected = (0.5 + 1.0 + 2.5 + 1.5 + 3.0) / 5
+    assert entropy_estimate(batch) == {"policy/entropy_estimate": pytest.approx(expected)}
+    assert entropy_estimate(RolloutBatch(batch.completions[2:])) == {}
+
+
+def test_logged_entropy_estimate_is_that_of_the_steps_sampled_tokens(tmp_path, monkeypatch):
+    seen = []
+    original = RLTrainer._record
+
+    def record(self, step, batch, *rest):
+        out = original(self, step, batch, *rest)
+        seen.append((batch, out))
+        return out
+
+    monkeypatch.setattr(RLTrainer, "_record", record)
+    run = make_run(tmp_path, "rl: {steps: 1}\n")
+    run.execute()
+    ((batch, out),) = seen
+    logprobs = [lp for c in batch for lp in c.logprobs]
+    assert len(logprobs) == sum(c.length for c in batch) > 0
+    assert out["policy/entropy_estimate"] == pytest.approx(-sum(logprobs) / len(logprobs))
+    assert rl_records(run.dir)[0]["policy/entropy_estimate"] == out["policy/entropy_estimate"]
+
+
+def test_advantage_stats_on_a_hand_made_batch():
+    # groups interleaved: 0 varies, 1 has equal rewards, 2 has one valid reward, 3 varies
+    groups = [0, 1, 2, 3, 0, 1, 2, 3, 3]
+    scores = [1.0, 0.5, math.nan, 0.0, 0.0, 0.5, 1.0, 1.0, math.nan]
+    advantages = torch.tensor([0.7, 0.0, 0.0, -0.5, -0.7, 0.0, 0.0, 0.5, 0.0])
+    stats = advantage_stats(advantages, scores, groups)
+    assert stats["advantage/std"] == pytest.approx(math.sqrt((2 * 0.49 + 2 * 0.25) / 9))
+    assert stats["advantage/zero_share"] == pytest.approx(5 / 9)
+    assert stats["advantage/no_signal_group_share"] == 0.5
+
+
+def test_verdict_judges_a_logged_completion_strictly_and_regardless_of_format():
+    tags, sum_of = TagFormat(), Example("3 + 4 =", "7")
+
+    def judge(text, example=sum_of, fmt=tags):
+        return verdict(Completion(0, example, "", [1], [1], text), fmt.parse(text), fmt, RuleVerifier())
+
+    right, wrong = "<think>3 + 4</think><answer>7</answer>", "<think>3 + 4</think><answer>8</answer>"
+    assert judge(right) == {"correct": True, "correct_lenient": True, "answer": "7"}
+    assert judge(wrong) == {"correct": False, "correct_lenient": False, "answer": "8"}
+    assert judge("3 + 4 makes 7") == {"correct": False, "correct_lenient": True, "answer": "7"}
+    assert judge(right, Example("3 + 4 =", ""))["correct"] is None  # nothing to judge against
+    assert judge("<think>a story</think>", fmt=SingleBlockFormat())["correct"] is None  # no answer block
+
+
+def test_logged_samples_are_judged_by_the_evals_verifier_where_it_needs_no_model():
+    from incentive.rewards.verifier import RuleVerifier
+    from incentive.rewards.wordings import AcceptedWordings
+    from incentive.training.rl import sample_judge
+
+    assert isinstance(sample_judge("accepted_wordings"), AcceptedWordings)
+    assert isinstance(sample_judge("rule"), RuleVerifier)
+    assert isinstance(sample_judge("tinyv"), RuleVerifier)  # an LLM judge would cost a generation per sample

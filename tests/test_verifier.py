@@ -221,3 +221,31 @@ def test_time_limit_off_the_main_thread_for_any_picklable_function():
 def test_rejects_bad_settings():
     with pytest.raises(ValueError, match="timeout_s"):
         RuleVerifier(timeout_s=0)
+
+
+def test_an_overrunning_check_is_killed_even_where_the_parent_ignores_sigterm(tmp_path):
+    """The helper's kill is a SIGTERM; a process that ignores SIGTERM (the CLI after a stop request) passes that
+    on to the helpers it starts, which must still die when a check overruns, or the caller waits forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ignoring.py"
+    script.write_text(
+        "import signal, threading, time\n"
+        "from incentive.rewards.verifier import CheckTimeout, run_limited\n"
+        "out = {}\n"
+        "def work():\n"
+        "    try:\n"
+        "        run_limited(time.sleep, (60,), 0.5)\n"
+        "    except CheckTimeout:\n"
+        "        out['timed_out'] = True\n"
+        "    out['after'] = run_limited(abs, (-3,), 60)\n"
+        "if __name__ == '__main__':\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    thread = threading.Thread(target=work)\n"
+        "    thread.start()\n"
+        "    thread.join()\n"
+        "    print(out)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "{'timed_out': True, 'after': 3}", done.stderr[-2000:]

@@ -265,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--top-p", type=number_in(0, 1, low_open=True), default=1.0)
     ev.add_argument("--max-new-tokens", type=at_least(1), default=64)
     ev.add_argument("--batch-size", type=at_least(1), default=32, help="sequences generated at once")
-    ev.add_argument("--verifier", choices=["rule", "tinyv", "general_reasoner"], default="rule")
+    ev.add_argument(
+        "--verifier", choices=["rule", "accepted_wordings", "tinyv", "general_reasoner"], default="rule"
+    )
     ev.add_argument(
         "--judge", default="embedded", help="judge model of the tinyv / general_reasoner verifiers"
     )
@@ -323,11 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     from incentive.models import ModelLoadError
     from incentive.run import RunError
     from incentive.training.rl import TooManyFailures
-    from incentive.training.signals import StopRequested
+    from incentive.training.signals import StopRequested, ignore_stop_signals
 
     try:
         return args.func(args)
     except StopRequested as err:
+        ignore_stop_signals()
         print(f"[incentive] {err}", file=sys.stderr)
         return 130
     except (ConfigError, DataError, ModelLoadError, RunError, TooManyFailures) as err:

@@ -240,11 +240,25 @@ class ProxyConfig(Strict):
 
 class EvalConfig(Strict):
     data: DataConfig | None = None
+    verifier: str = Field(
+        "rule",
+        description="judge of the held-out evals: rule, accepted_wordings (an example's accepted wordings), "
+        "tinyv or general_reasoner (judge model: embedded)",
+    )
     every: int = Field(0, ge=0, description="evaluate during RL every N steps (0: only at stage ends)")
     samples: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     max_new_tokens: int | None = None
     batch_size: int = Field(32, ge=1)
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, name: str) -> str:
+        from incentive.evaluation import VERIFIERS  # heavy (models, engines): only when a recipe names one
+
+        if name not in VERIFIERS:
+            raise ValueError(f"unknown verifier '{name}'; {did_you_mean(name, VERIFIERS)}")
+        return name
 
 
 class ToolConfig(Strict):

@@ -19,19 +19,23 @@ from incentive.data.example import Example
 from incentive.engines import Engine, HFEngine, SamplingParams
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
 from incentive.rewards.verifier import RuleVerifier, extract_answer
+from incentive.rewards.wordings import AcceptedWordings
 from incentive.rollout.types import Completion, RolloutBatch
 from incentive.stats import paired_compare, rate_interval
 from incentive.templates import Parsed, TagFormat, Template
 
-VERIFIERS = ("rule", "tinyv", "general_reasoner")
+VERIFIERS = ("rule", "accepted_wordings", "tinyv", "general_reasoner")
 
 
 def build_verifier(name: str, judge: str = "embedded", judge_max_new_tokens: int | None = None) -> Reward:
-    """The rule verifier, or one of the LLM-judge verifiers with ``judge`` as its model (loaded on first use)."""
+    """The rule verifier, the accepted-wordings judge, or one of the LLM-judge verifiers with ``judge`` as its
+    model (loaded on first use)."""
     if name not in VERIFIERS:
         raise ValueError(f"unknown verifier '{name}'; choose one of {', '.join(VERIFIERS)}")
     if name == "rule":
         return RuleVerifier()
+    if name == "accepted_wordings":
+        return AcceptedWordings()
     args: dict[str, Any] = {"model": judge}
     if judge_max_new_tokens is not None:
         args["max_new_tokens"] = judge_max_new_tokens

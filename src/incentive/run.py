@@ -32,7 +32,7 @@ from incentive.data import (
 )
 from incentive.engines import ENGINES, Engine, SamplingParams
 from incentive.engines.tools import ToolEngine
-from incentive.evaluation import evaluate, write_completions
+from incentive.evaluation import build_verifier, evaluate, write_completions
 from incentive.hooks import HOOKS
 from incentive.losses import PolicyLoss
 from incentive.malloc import keep_freed_memory
@@ -107,6 +107,7 @@ class Run:
         self.eval_examples = (
             self._load(recipe.eval.data, "eval.data", eval_tokens) if recipe.eval.data else []
         )
+        self.eval_verifier = build_verifier(recipe.eval.verifier)
         self.sft_targets = self._sft_targets() if recipe.sft.steps else []
         self._prepare_dir(overwrite)
         self.metrics = MetricsLog(self.dir / "metrics.jsonl", build_sinks(recipe, self.dir))
@@ -252,9 +253,16 @@ class Run:
             torch.manual_seed(sampling_seed)
             engine = self._engine(policy, tokenizer, cfg.batch_size) if self.tools else None
             result = evaluate(
-                policy, tokenizer, self.template, self.eval_examples, params, cfg.batch_size, engine=engine
+                policy,
+                tokenizer,
+                self.template,
+                self.eval_examples,
+                params,
+                cfg.batch_size,
+                self.eval_verifier,
+                engine=engine,
             )
-        result.update(seconds=time.perf_counter() - start, sampling_seed=sampling_seed)
+        result.update(seconds=time.perf_counter() - start, sampling_seed=sampling_seed, verifier=cfg.verifier)
         self._save_eval(key, result)
         shown = (("accuracy", "accuracy"), ("accuracy_lenient", "any format"), ("format_rate", "format"))
         rates = "  ".join(

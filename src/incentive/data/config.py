@@ -1,4 +1,5 @@
-"""Where examples come from (a file or a reasoning-gym task) and how a file's columns map onto Example."""
+"""Where examples come from (a file, a reasoning-gym task or one of incentive's own) and how a file's columns map
+onto Example."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TASK_PREFIX = "task:"
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-_SUPPORTED = ".jsonl or .json (JSON Lines), .csv, .parquet, or task:<name> for a reasoning-gym task"
+_SUPPORTED = (
+    ".jsonl or .json (JSON Lines), .csv, .parquet, or task:<name> for a reasoning-gym task or one of incentive's "
+    "own (task:freeform)"
+)
 
 
 class DataConfig(BaseModel):
@@ -21,9 +25,10 @@ class DataConfig(BaseModel):
     size: int | None = Field(
         None, ge=1, description="Examples to generate for a task (default 100); for a file, an optional cap."
     )
-    seed: int = Field(0, description="Seed of a reasoning-gym task; the same seed gives the same examples.")
+    seed: int = Field(0, description="Seed of a task; the same seed gives the same examples.")
     task_args: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments for reasoning_gym.create_dataset (tasks only)."
+        default_factory=dict,
+        description="Keyword arguments for reasoning_gym.create_dataset or one of incentive's own tasks (tasks only).",
     )
     prompt_field: str = Field("prompt", description="Column holding the prompt (required, a string).")
     reference_field: str = Field(
@@ -42,7 +47,7 @@ class DataConfig(BaseModel):
 
     @property
     def task(self) -> str | None:
-        """The reasoning-gym task name, or None when the source is a file."""
+        """The task name (reasoning-gym's or incentive's own), or None when the source is a file."""
         return self.source[len(TASK_PREFIX) :].strip() if self.source.startswith(TASK_PREFIX) else None
 
     @property

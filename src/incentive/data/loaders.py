@@ -1,4 +1,5 @@
-"""Load Examples from JSON Lines, CSV, Parquet or a reasoning-gym task, naming file, row and field on bad data."""
+"""Load Examples from JSON Lines, CSV, Parquet, a reasoning-gym task or one of incentive's own tasks, naming file,
+row and field on bad data."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from incentive.data.config import DataConfig
 from incentive.data.example import DataError, Example
+from incentive.data.tasks import TASKS
 
 Row = dict[str, Any]
 NumberedRows = Iterable[tuple[int, Row | DataError]]
@@ -33,6 +35,10 @@ class LoadResult:
 def load_examples(cfg: DataConfig) -> LoadResult:
     """Read every example of ``cfg.source``; a bad row raises DataError, or is skipped with on_error='skip'."""
     task = cfg.task
+    if task is not None and task in TASKS:
+        return _collect(
+            cfg, _own_task_rows(cfg, task), lambda number, row: _own_task_example(cfg, task, number, row)
+        )
     if task is not None:
         return _collect(
             cfg, _task_rows(cfg, task), lambda number, entry: _task_example(cfg, task, number, entry)
@@ -267,14 +273,15 @@ def _task_rows(cfg: DataConfig, task: str) -> Iterator[tuple[int, Row | DataErro
     from reasoning_gym.factory import DATASETS
 
     if task not in DATASETS:
-        close = difflib.get_close_matches(task, DATASETS, n=3)
+        close = difflib.get_close_matches(task, [*DATASETS, *TASKS.names()], n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise DataError(
             cfg.source,
             None,
             None,
             f"unknown reasoning-gym task '{task}'; {hint}list the {len(DATASETS)} task names with: "
-            'python -c "from reasoning_gym.factory import DATASETS; print(sorted(DATASETS))"',
+            'python -c "from reasoning_gym.factory import DATASETS; print(sorted(DATASETS))"; '
+            f"incentive's own tasks: {', '.join(TASKS.names())}",
         )
     size = DEFAULT_TASK_SIZE if cfg.size is None else cfg.size
     try:
@@ -294,5 +301,28 @@ def _task_example(cfg: DataConfig, task: str, number: int, entry: Row) -> Exampl
         domain=task,
         difficulty=None,
         metadata={"task": task, "entry": entry},
+        row=number,
+    )
+
+
+def _own_task_rows(cfg: DataConfig, task: str) -> Iterator[tuple[int, Row | DataError]]:
+    """Generate one of incentive's own tasks (``TASKS``); row numbers are 1-based item indices."""
+    size = DEFAULT_TASK_SIZE if cfg.size is None else cfg.size
+    try:
+        items = TASKS.get(task)(size, cfg.seed, **cfg.task_args)
+    except (TypeError, ValueError) as e:
+        raise DataError(cfg.source, None, "task_args", f"task '{task}' rejected {cfg.task_args}: {e}") from e
+    return ((index + 1, asdict(item)) for index, item in enumerate(items))
+
+
+def _own_task_example(cfg: DataConfig, task: str, number: int, row: Row) -> Example:
+    _check_prompt_length(cfg, number, "question", row["question"])
+    return Example(
+        prompt=row["question"],
+        reference=row["answer"],
+        id=f"{task}:{cfg.seed}:{number - 1}",
+        domain=row["domain"] or task,
+        difficulty=None,
+        metadata={"task": task, **row["metadata"]},
         row=number,
     )

@@ -31,6 +31,8 @@ pre { white-space: pre-wrap; word-break: break-word; margin: 0; font: 12.5px/1.4
 .scroll { overflow-x: auto; } table.samples { width: 100%; } pre.completion { min-width: 18rem; }
 table.samples pre.prompt, table.samples pre.reasoning { min-width: 10rem; }
 .reasons { color: #a33; } ul.details { margin: 0; padding-left: 1rem; }
+.verdict { min-width: 8rem; max-width: 16rem; word-break: break-word; }
+.right { color: #1a7f37; white-space: nowrap; } .wrong { color: #b42318; white-space: nowrap; }
 """
 
 SCRIPT = """
@@ -171,6 +173,29 @@ def _details(details: Any) -> str:
     return f'<ul class="details">{"".join(items)}</ul>' if items else ""
 
 
+def _verdict(sample: dict[str, Any]) -> str:
+    """The verifier's after-the-fact verdict on one logged completion (strict, and regardless of format) and the
+    answer it read; a dash when it could not judge (no reference)."""
+    correct, lenient = sample.get("correct"), sample.get("correct_lenient")
+    if not isinstance(correct, bool):
+        return '<td class="verdict" data-correct="">–</td>'
+    if correct:
+        text = '<span class="right">✓ correct</span>'
+    elif lenient is True:
+        text = '<span class="wrong">✗ strict</span> · <span class="right">✓ any format</span>'
+    else:
+        text = '<span class="wrong">✗ wrong</span>'
+    answer = sample.get("answer")
+    read = f'<br><span class="muted">read: {escape(str(answer))}</span>' if answer is not None else ""
+    return f'<td class="verdict" data-correct="{str(correct).lower()}">{text}{read}</td>'
+
+
+def _judged(samples: list[dict[str, Any]]) -> str:
+    """``· correct k/n`` over the step's completions the verifier judged, empty when it judged none."""
+    verdicts = [s["correct"] for s in samples if isinstance(s.get("correct"), bool)]
+    return f" · correct {sum(verdicts)}/{len(verdicts)}" if verdicts else ""
+
+
 def _samples_table(samples: list[dict[str, Any]]) -> str:
     """One row per logged completion; the prompt and reference go above when every row shares them."""
     shared = {key: {str(s.get(key)) for s in samples} for key in ("prompt", "reference")}
@@ -185,6 +210,7 @@ def _samples_table(samples: list[dict[str, Any]]) -> str:
         {k for s in samples if isinstance(s.get("components"), dict) for k in s["components"]}
     )
     reasoning = any(s.get("reasoning") for s in samples)
+    judged = any("correct" in s for s in samples)
     details = [_details(s.get("details")) for s in samples]
     head = (
         ["#"]
@@ -192,7 +218,8 @@ def _samples_table(samples: list[dict[str, Any]]) -> str:
         + ["completion"]
         + (["reasoning"] if reasoning else [])
     )
-    head += ["reward", *components, "reasons"] + (["details"] if any(details) else [])
+    head += (["correct (verifier)"] if judged else []) + ["reward", *components, "reasons"]
+    head += ["details"] if any(details) else []
     rows = []
     for index, (sample, detail) in enumerate(zip(samples, details, strict=True)):
         cells = [f'<td class="num">{index + 1}</td>']
@@ -206,6 +233,8 @@ def _samples_table(samples: list[dict[str, Any]]) -> str:
             cells.append(
                 f'<td><pre class="reasoning">{escape(str(sample.get("reasoning") or ""))}</pre></td>'
             )
+        if judged:
+            cells.append(_verdict(sample))
         parts = sample.get("components") if isinstance(sample.get("components"), dict) else {}
         cells.append(f'<td class="num"><b>{fmt(sample.get("reward"))}</b></td>')
         cells += [f'<td class="num">{fmt(parts.get(name))}</td>' for name in components]
@@ -230,7 +259,7 @@ def _browser(index: int, run: RunData) -> str:
     last = steps[-1]["step"]
     options = "".join(
         f'<option value="{r["step"]}"{" selected" if r["step"] == last else ""}>step {r["step"]} '
-        f"· reward {fmt(r.get('reward/mean'))}</option>"
+        f"· reward {fmt(r.get('reward/mean'))}{_judged(logged[r['step']])}</option>"
         for r in steps
     )
     controls = (
@@ -262,8 +291,10 @@ def render(runs: list[RunData], plots: list[Plot]) -> str:
 <h2>Held-out evaluation</h2>{_evals_section(runs)}
 <h2>Plots</h2>{_plots_section(plots)}
 <h2>Completions by step</h2>
-<p class="muted">The completions each RL step logged (one prompt's group), with their total reward, each reward
-component, why a component could not score them, and per-component details such as NOVER's perplexity and rank.</p>
+<p class="muted">The completions each RL step logged (one prompt's group): whether each is correct, judged after
+the fact by the rule verifier against the reference as the held-out eval judges (strictly, else regardless of
+format, with the answer it read) whatever the rewards were; their total reward, each reward component, why a
+component could not score them, and per-component details such as NOVER's perplexity and rank.</p>
 {"".join(_browser(i, run) for i, run in enumerate(runs))}
 <script>{SCRIPT}</script>
 </body></html>

@@ -38,9 +38,9 @@ def colour(index: int) -> str:
     return f"C{index % 10}"
 
 
-def _figure(panels: int, title: str) -> tuple[Figure, list[Axes]]:
-    """A grid of up to three panels a row."""
-    cols = min(3, panels)
+def _figure(panels: int, title: str, cols: int = 3) -> tuple[Figure, list[Axes]]:
+    """A grid of up to ``cols`` panels a row."""
+    cols = min(cols, panels)
     rows = math.ceil(panels / cols)
     fig = Figure(figsize=(4.2 * cols, 3.3 * rows + 0.4), dpi=96, layout="constrained")
     FigureCanvasAgg(fig)
@@ -129,47 +129,93 @@ def reward_figure(runs: list[RunData]) -> Figure | None:
     return fig
 
 
-def _eval_points(run: RunData) -> dict[int, float]:
-    """Held-out accuracy by RL step: the eval before RL at 0, evals during RL, the final one at the last step."""
-    points: dict[int, float] = dict(zip(*series(run.rl, "eval/accuracy"), strict=True))
-    before = run.evals.get("sft") if "sft" in run.evals else run.evals.get("base")
-    if run.rl and before and number(before.get("accuracy")) is not None:
-        points[0] = before["accuracy"]
-    for key, result in run.evals.items():
-        accuracy = number(result.get("accuracy"))
-        if accuracy is None:
+Point = tuple[float, float | None, float | None]
+"""A held-out rate and its 95 % interval (None where the eval stored none)."""
+
+
+def _rate(result: Any, key: str) -> Point | None:
+    """``result[key]`` with its ``key_ci`` interval, None when the eval has no such rate."""
+    rate = number(result.get(key)) if isinstance(result, dict) else None
+    if rate is None:
+        return None
+    interval = result.get(f"{key}_ci")
+    if not (isinstance(interval, list) and len(interval) == 2):
+        return rate, None, None
+    return rate, number(interval[0]), number(interval[1])
+
+
+def _eval_points(run: RunData, key: str = "accuracy") -> dict[int, Point]:
+    """A held-out rate by RL step: the eval before RL at 0, evals during RL, the final one at the last step."""
+    points: dict[int, Point] = {}
+    if key == "accuracy":  # runs whose evals.json is gone still logged the periodic accuracy
+        points.update((s, (v, None, None)) for s, v in zip(*series(run.rl, "eval/accuracy"), strict=True))
+    before = _rate(run.evals.get("sft") if "sft" in run.evals else run.evals.get("base"), key)
+    if run.rl and before:
+        points[0] = before
+    for name, result in run.evals.items():
+        point = _rate(result, key)
+        if point is None:
             continue
-        if key.startswith("rl-step") and key[7:].isdigit():
-            points[int(key[7:])] = accuracy
-        elif key == "rl" and run.rl:
-            points[run.rl[-1]["step"]] = accuracy
+        if name.startswith("rl-step") and name[7:].isdigit():
+            points[int(name[7:])] = point
+        elif name == "rl" and run.rl:
+            points[run.rl[-1]["step"]] = point
     return dict(sorted(points.items()))
 
 
 STAGE_ORDER = ("base", "sft", "rl")
+RATES = (("accuracy", "strict", "-", 1.0), ("accuracy_lenient", "any format", "--", 0.45))
+"""Held-out rates drawn: key, label, line style and opacity (strict: the answer where the format puts it)."""
+
+
+def _with_interval(
+    ax: Axes, points: dict[int, Point], color: str, label: str, style: str, alpha: float
+) -> None:
+    """A rate along RL with its 95 % band (error bars where only one point has an interval)."""
+    _line(ax, list(points), [p[0] for p in points.values()], color, label, style)
+    known = [(s, lo, hi) for s, (_, lo, hi) in points.items() if lo is not None and hi is not None]
+    if len(known) > 1:
+        steps, lows, highs = zip(*known, strict=True)
+        ax.fill_between(steps, lows, highs, color=color, alpha=0.15 * alpha, linewidth=0)
+    elif known:
+        (step, low, high), rate = known[0], points[known[0][0]][0]
+        ax.errorbar([step], [rate], [[rate - low], [high - rate]], color=color, alpha=alpha, capsize=3)
 
 
 def accuracy_figure(runs: list[RunData]) -> Figure | None:
-    """Held-out accuracy (verifier) by stage, and along RL."""
+    """Held-out accuracy (verifier) by stage and along RL, strict and regardless of format, with 95 % intervals."""
     if not any(run.evals for run in runs) and not _has(runs, "rl", "eval/accuracy"):
         return None
-    fig, (bars, curve) = _figure(2, "Held-out accuracy (judged by the verifier)")
+    title = "Held-out accuracy (judged by the verifier; bars and bands: 95 % intervals)"
+    fig, (bars, curve) = _figure(2, title)
     stages = [s for s in STAGE_ORDER if any(s in run.evals for run in runs)]
-    width = 0.8 / len(runs)
+    width = 0.8 / (len(runs) * len(RATES))
     for i, run in enumerate(runs):
-        values = [(j, number(run.evals.get(s, {}).get("accuracy"))) for j, s in enumerate(stages)]
-        xs = [j + (i - (len(runs) - 1) / 2) * width for j, y in values if y is not None]
-        ys = [y for _, y in values if y is not None]
-        drawn = bars.bar(xs, ys, width=width * 0.95, color=colour(i), label=run.label)
-        bars.bar_label(drawn, labels=[f"{y:.0%}" for y in ys], fontsize=7)
+        for k, (key, _, _, alpha) in enumerate(RATES):
+            values = [(j, _rate(run.evals.get(s), key)) for j, s in enumerate(stages)]
+            shown = [(j, p) for j, p in values if p is not None]
+            offset = (i * len(RATES) + k - (len(runs) * len(RATES) - 1) / 2) * width
+            xs = [j + offset for j, _ in shown]
+            ys = [p[0] for _, p in shown]
+            errors = [
+                [p[0] - p[1] if p[1] is not None else 0.0 for _, p in shown],
+                [p[2] - p[0] if p[2] is not None else 0.0 for _, p in shown],
+            ]
+            drawn = bars.bar(xs, ys, width=width * 0.95, color=colour(i), alpha=alpha, label=run.label)
+            bars.errorbar(xs, ys, errors, fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+            bars.bar_label(drawn, labels=[f"{y:.0%}" for y in ys], fontsize=7, label_type="center")
     names = {"base": "base model", "sft": "after SFT", "rl": "after RL"}
     bars.set_xticks(range(len(stages)), [names[s] for s in stages])
-    bars.set_ylim(0, 1.08)
-    _finish(bars, "by stage", "", percent=True)
+    bars.set_ylim(0, 1.05)
+    _finish(bars, "by stage (solid: strict, pale: any format)", "", percent=True)
     for i, run in enumerate(runs):
-        points = _eval_points(run)
-        _line(curve, list(points), list(points.values()), colour(i), run.label)
+        for key, label, style, alpha in RATES:
+            _with_interval(curve, _eval_points(run, key), colour(i), f"{run.label}: {label}", style, alpha)
     _finish(curve, "along RL (step 0: before RL)", "RL step", percent=True)
+    if curve.has_data():
+        curve.set_ylim(0, 1.05)
+        styles = [Line2D([], [], color="black", linestyle=style, label=label) for _, label, style, _ in RATES]
+        curve.legend(handles=styles, fontsize=7)
     return fig
 
 
@@ -191,6 +237,43 @@ def kl_clip_figure(runs: list[RunData]) -> Figure | None:
     fig, axes = _figure(2, "Policy update")
     _metric_panel(axes[0], runs, "train/kl", "KL to the reference")
     _metric_panel(axes[1], runs, "train/clip_frac", "clipped share of tokens", percent=True)
+    return fig
+
+
+def update_figure(runs: list[RunData]) -> Figure | None:
+    """The RL optimiser's view: the loss, the gradient norm before clipping and the learning rate per step."""
+    if not any(run.rl for run in runs):
+        return None
+    fig, axes = _figure(3, "RL update")
+    _metric_panel(axes[0], runs, "train/loss", "loss")
+    _metric_panel(axes[1], runs, "train/grad_norm", "gradient norm (before clipping)")
+    _metric_panel(axes[2], runs, "lr", "learning rate")
+    return fig
+
+
+NO_SIGNAL = (
+    ("advantage/zero_share", "completions with advantage 0", "-"),
+    ("advantage/no_signal_group_share", "groups with equal rewards", "--"),
+)
+
+
+def signal_figure(runs: list[RunData]) -> Figure | None:
+    """Whether the rewards gave the update anything to learn from, and how sure the policy has become."""
+    if not any(run.rl for run in runs):
+        return None
+    fig, axes = _figure(4, "Learning signal and policy entropy", cols=2)
+    _metric_panel(axes[0], runs, "advantage/mean", "advantage (line: mean, band: min–max)", band=True)
+    _metric_panel(axes[1], runs, "advantage/std", "advantage std")
+    for i, run in enumerate(runs):
+        for key, label, style in NO_SIGNAL:
+            _line(axes[2], *series(run.rl, key), colour(i), f"{run.label}: {label}", style)
+    _finish(axes[2], "without signal", "RL step", percent=True)
+    if axes[2].has_data():
+        axes[2].set_ylim(0, 1.05)
+        shares = [Line2D([], [], color="black", linestyle=s, label=label) for _, label, s in NO_SIGNAL]
+        axes[2].legend(handles=shares, fontsize=7)
+    entropy = "policy entropy, nats per token\n(estimate: mean −logprob of the sampled tokens)"
+    _metric_panel(axes[3], runs, "policy/entropy_estimate", entropy)
     return fig
 
 
@@ -281,6 +364,8 @@ FIGURES: tuple[tuple[str, str, Callable[[list[RunData]], Figure | None]], ...] =
     ("accuracy", "Held-out accuracy", accuracy_figure),
     ("length", "Completion and reasoning length", length_figure),
     ("kl_clip", "KL and clip fraction", kl_clip_figure),
+    ("update", "RL loss, gradient norm and learning rate", update_figure),
+    ("signal", "Advantages and policy entropy", signal_figure),
     ("throughput", "Throughput", throughput_figure),
     ("failures", "Failures by reason", failures_figure),
     ("sft", "SFT loss", sft_figure),

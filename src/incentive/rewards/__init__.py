@@ -12,6 +12,7 @@ from incentive.rewards import similarity as _similarity  # noqa: F401
 from incentive.rewards import temporal as _temporal  # noqa: F401
 from incentive.rewards import tinyv as _tinyv  # noqa: F401
 from incentive.rewards import verifier as _verifier  # noqa: F401
+from incentive.rewards import wordings as _wordings  # noqa: F401
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult, Scorer
 
 __all__ = ["REWARDS", "Reward", "RewardContext", "RewardResult", "Scorer"]

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from incentive.data.example import Example
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
@@ -46,6 +46,13 @@ _KIND_ALIASES: dict[str, AnswerKind] = {
     "string": "string",
     "boolean": "string",
 }
+
+
+@runtime_checkable
+class AnswerVerifier(Protocol):
+    """A verifier that judges one extracted answer against an example on its own (no model call)."""
+
+    def verify(self, example: Example, answer: str | None) -> Verdict: ...
 
 
 class CheckTimeout(BaseException):
@@ -317,6 +324,12 @@ def _with_alarm(fn: Callable[..., T], args: tuple[Any, ...], seconds: float) -> 
         signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _default_sigterm() -> None:
+    """In the helper: SIGTERM back to its default action. A parent that ignores it (a CLI on its way out) would
+    otherwise leave the helper immune to the kill that ends an overrunning check, and the caller waiting."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _warm() -> None:
     """Import the checkers in the helper before any limit counts."""
     import math_verify  # noqa: F401
@@ -335,7 +348,7 @@ class _Helper:
             if self._pool is None:
                 ctx = multiprocessing.get_context("forkserver")
                 ctx.set_forkserver_preload([__name__, "math_verify"])
-                self._pool = ctx.Pool(1)
+                self._pool = ctx.Pool(1, initializer=_default_sigterm)
                 self._pool.apply(_warm)
             pending = self._pool.apply_async(fn, args)
             try:

@@ -18,12 +18,14 @@ from incentive.advantages import AdvantageEstimator
 from incentive.config import Recipe
 from incentive.data.example import Example
 from incentive.engines import Engine, SamplingParams
+from incentive.evaluation import build_verifier, lenient_answer
 from incentive.logprobs import backward_target_logprobs, plan_batches, target_logprobs
 from incentive.losses import PolicyLoss, Totals
 from incentive.rewards.base import RewardContext, Scorer
 from incentive.rewards.pipeline import RewardPipeline, Scored
-from incentive.rollout.types import Completion, RolloutBatch
-from incentive.templates import Template
+from incentive.rewards.verifier import AnswerVerifier, RuleVerifier, extract_answer
+from incentive.rollout.types import Completion, RolloutBatch, group_indices
+from incentive.templates import Parsed, SingleBlockFormat, TagFormat, Template
 from incentive.training.metrics import summarize
 from incentive.training.sampler import EpochSampler
 
@@ -72,6 +74,8 @@ class RLTrainer:
             gen.num_generations, gen.max_new_tokens, gen.temperature, gen.top_p, gen.min_new_tokens
         )
         self.group_counter = 0
+        self.verifier = sample_judge(recipe.eval.verifier)
+        """Judges the logged completions after the fact, whatever the rewards are."""
         self.state: dict[str, Any] = {}
         """Shared with hooks and rewards (``RewardContext.state``); saved in checkpoints."""
         self.droppable: Callable[[], AbstractContextManager[Any]] = nullcontext
@@ -95,13 +99,14 @@ class RLTrainer:
                     batch, scored = kept, kept_scores
         scores = torch.tensor(scored.total, dtype=torch.float64)
         advantages = p.estimator(scores, batch.group_ids, [c.example for c in batch])
+        lr = p.scheduler.get_last_lr()[0]  # the rate this step's update uses; the scheduler steps past it
         t0 = time.perf_counter()
         train_stats = self._optimise(batch, advantages, scored.failed) if update else self._skip_update()
         t_train = time.perf_counter() - t0
         record = self._record(
             step, batch, scored, advantages, train_stats, times["generate"], times["reward"], t_train
         )
-        return {**record, **sampling}
+        return {**record, "lr": lr, **sampling}
 
     def _rollout(
         self, step: int, examples: Sequence[Example], times: dict[str, float]
@@ -274,7 +279,6 @@ class RLTrainer:
         record: dict[str, Any] = {
             "stage": "rl",
             "step": step,
-            "lr": self.p.scheduler.get_last_lr()[0],
             "completions": len(batch),
             "truncated_share": sum(c.truncated for c in batch) / len(batch),
             "failed": sum(scored.failed),
@@ -288,8 +292,10 @@ class RLTrainer:
             **summarize("length", lengths),
             **{f"train/{k}": v for k, v in train.items()},
         }
-        record["advantage/zero_share"] = float((advantages == 0).float().mean())
-        reasonings = [self.p.template.tags.parse(c.text).reasoning for c in batch]
+        record.update(advantage_stats(advantages, scored.total, batch.group_ids))
+        record.update(entropy_estimate(batch))
+        parsed = [self.p.template.tags.parse(c.text) for c in batch]
+        reasonings = [x.reasoning for x in parsed]
         reasoning_tokens = [
             float(len(self.p.tokenizer.encode(r, add_special_tokens=False))) for r in reasonings if r
         ]
@@ -299,8 +305,10 @@ class RLTrainer:
         for name, values in scored.extras.items():
             record.update(summarize(f"extra/{name}", values))
         record.update(_tool_stats(batch))
+        tags = self.p.template.tags
         record["samples"] = [
-            _sample(c, scored, i, reasonings[i]) for i, c in enumerate(batch.completions[: self.params.n])
+            {**_sample(c, scored, i, reasonings[i]), **verdict(c, parsed[i], tags, self.verifier)}
+            for i, c in enumerate(batch.completions[: self.params.n])
         ]
         return record
 
@@ -323,6 +331,56 @@ def _sample(c: Completion, scored: Scored, i: int, reasoning: str | None) -> dic
         "reasoning": reasoning,
         "details": details,
     }
+
+
+def sample_judge(eval_verifier: str) -> AnswerVerifier:
+    """The held-out eval's verifier where it judges an answer on its own (rule, accepted wordings); for an LLM
+    judge, which would cost a generation per logged sample, the rule verifier."""
+    judge = build_verifier(eval_verifier)
+    return judge if isinstance(judge, AnswerVerifier) else RuleVerifier()
+
+
+def verdict(c: Completion, parsed: Parsed, tags: TagFormat, verifier: AnswerVerifier) -> dict[str, Any]:
+    """The rule verifier's verdict on a logged completion, judged as the held-out eval judges (NOVER's reward never
+    checks answers): ``correct`` reads the answer where the format puts it, ``correct_lenient`` wherever it is,
+    ``answer`` is what it read; all None without a reference or when the format has no answer."""
+    if not c.example.reference or isinstance(tags, SingleBlockFormat):
+        return {"correct": None, "correct_lenient": None, "answer": None}
+    strict = extract_answer(c.text, parsed.answer)
+    correct = verifier.verify(c.example, strict).correct
+    answer = lenient_answer(c.text, parsed.answer, tags.answer)
+    lenient = correct or (answer != strict and verifier.verify(c.example, answer).correct)
+    return {"correct": correct, "correct_lenient": lenient, "answer": answer}
+
+
+def advantage_stats(
+    advantages: torch.Tensor, scores: Sequence[float], group_ids: Sequence[int]
+) -> dict[str, float]:
+    """How much learning signal a step has: the advantages' std over completions (population), the share of
+    completions with advantage exactly 0, and the share of groups whose valid rewards are all equal, which a
+    group-relative estimator cannot learn from."""
+    groups = list(group_indices(group_ids).values())
+    flat = sum(not _varies([scores[i] for i in idx]) for idx in groups)
+    return {
+        "advantage/std": float(advantages.double().std(correction=0)),
+        "advantage/zero_share": float((advantages == 0).float().mean()),
+        "advantage/no_signal_group_share": flat / len(groups),
+    }
+
+
+def entropy_estimate(batch: RolloutBatch) -> dict[str, float]:
+    """``policy/entropy_estimate``: the mean −logprob of the policy-written sampled tokens, from the engine's
+    sampling logprobs (no extra forward pass). It estimates the mean per-token entropy of the sampling
+    distribution; with top_p < 1, the cached and HF engines' logprobs are before top-p, which adds −log of the
+    nucleus's mass. Completions without one logprob per token are left out."""
+    total = tokens = 0.0
+    for c in batch:
+        if len(c.logprobs) != c.length:
+            continue
+        for logprob, weight in zip(c.logprobs, c.trained_mask, strict=True):
+            total -= logprob * weight
+            tokens += weight
+    return {"policy/entropy_estimate": total / tokens} if tokens else {}
 
 
 def _tool_stats(batch: RolloutBatch) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """SIGINT/SIGTERM become a stop request: work that can be dropped (a step's rollouts and rewards) is dropped at
 once, anything else finishes; then the run saves a checkpoint of the last finished step and stops. A repeated
-signal only repeats the request, so the checkpoint is always written. Also: :func:`time_limit`, which cuts off
+signal only repeats the request, so the checkpoint is always written (and the CLI then ignores further ones
+until it has exited). Also: :func:`time_limit`, which cuts off
 code on the main thread that overruns, even while it sleeps or waits."""
 
 from __future__ import annotations
@@ -65,15 +66,18 @@ class GracefulStop:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        """Restore the previous handlers; after a stop request, keep answering repeats instead: the process is
-        on its way out (exit code 130), and a repeat arriving now would otherwise kill it with the default
-        action before it could report."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, _already_stopping if self.requested else handler)
+            signal.signal(sig, handler)
 
 
-def _already_stopping(signum: int, frame: FrameType | None) -> None:
-    print(f"\n[incentive] {signal.Signals(signum).name} again: already stopping", flush=True)
+def ignore_stop_signals() -> None:
+    """For a process on its way out after a stop request (the CLI, exit code 130): ignore repeats, which would
+    otherwise kill it with the default action before it reports, also while the interpreter shuts down (which
+    puts Python's own handlers back to the default action, but leaves an ignored signal ignored). Not for a
+    process that goes on: children it starts later would inherit the ignored signals."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in GracefulStop.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class TimeLimitExceeded(BaseException):

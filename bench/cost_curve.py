@@ -9,7 +9,8 @@ first is warm-up, as in ``bench/grpo_vs_trl.py`` (whose children this reuses). M
 (SmolLM2-135M) and ``wide``, a random-initialised model of the same family at twice its width (hidden 1152,
 18 heads of 64, 6 key/value heads, MLP 3072; ~4x the body's parameters), written once into the incentive cache.
 TRL trains in micro-batches small enough for this machine's memory (fewer completions per pass as L grows).
-Writes bench/results/cost_curve-MACHINE.{json,md} and docs/images/cost_curve-MACHINE.png.
+incentive runs a third time at each point with ``model.activation_checkpointing`` (its peak memory and step time
+beside the default's). Writes bench/results/cost_curve-MACHINE.{json,md} and docs/images/cost_curve-MACHINE.png.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from grpo_vs_trl import (
@@ -87,8 +88,9 @@ def plot(results: dict, path: Path) -> None:
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for model, points in results["models"].items():
         lengths = [p["length"] for p in points]
-        for tool, style in (("trl", "--"), ("incentive", "-")):
-            label = f"{'TRL' if tool == 'trl' else 'incentive'}, {model}"
+        for tool, style in (("trl", "--"), ("incentive", "-"), ("incentive_checkpointing", ":")):
+            label = {"trl": "TRL", "incentive": "incentive", "incentive_checkpointing": "incentive + act. ckpt"}[tool]
+            label += f", {model}"
             time_ax.plot(lengths, [p[tool]["median_step_s"] for p in points], style, marker="o", label=label)
             memory_ax.plot(lengths, [p[tool]["peak_rss_gb"] for p in points], style, marker="o", label=label)
         for p in points:
@@ -122,18 +124,20 @@ def plot(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     lines = [
         "| model | length | TRL step (s) | incentive step (s) | ratio | TRL gen / train (s) "
-        "| incentive gen / train (s) | TRL RSS (GB) | incentive RSS (GB) | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| incentive gen / train (s) | TRL RSS (GB) | incentive RSS (GB) | memory ratio "
+        "| incentive + act. ckpt: step (s) / RSS (GB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, points in results["models"].items():
         for p in points:
-            t, i, q = p["trl"], p["incentive"], p["ratios"]
+            t, i, c, q = p["trl"], p["incentive"], p["incentive_checkpointing"], p["ratios"]
             lines.append(
                 f"| {model} | {p['length']} | {t['median_step_s']:.1f} | {i['median_step_s']:.1f} "
                 f"| {q['step_time_trl_over_incentive']:.2f}x "
                 f"| {t['median_generate_s']:.1f} / {t['median_train_s']:.1f} "
                 f"| {i['median_generate_s']:.1f} / {i['median_train_s']:.1f} "
-                f"| {t['peak_rss_gb']:.2f} | {i['peak_rss_gb']:.2f} | {q['peak_rss_incentive_over_trl']:.2f} |"
+                f"| {t['peak_rss_gb']:.2f} | {i['peak_rss_gb']:.2f} | {q['peak_rss_incentive_over_trl']:.2f} "
+                f"| {c['median_step_s']:.1f} / {c['peak_rss_gb']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -152,27 +156,34 @@ def main() -> None:
         "workload": {"prompts": 4, "generations": 4, "steps": args.steps, "variant": "full"},
         "models": {},
     }
-    progress = Progress("curve", len(args.models) * len(args.lengths) * 2)
+    progress = Progress("curve", len(args.models) * len(args.lengths) * 3)
     raw: dict[tuple[str, int], dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for length in args.lengths:
                 work = workload(names[model], length)
-                for tool in ("trl", "incentive"):
+                for tool, spec in (
+                    ("trl", work),
+                    ("incentive", work),
+                    ("incentive-checkpointing", replace(work, checkpointing=True)),
+                ):
                     progress.start(f"{model}, {length} tokens: {'TRL' if tool == 'trl' else tool}")
                     out = Path(tmp) / f"{tool}-{model}-{length}.json"
-                    raw.setdefault((model, length), {})[tool] = run_child(tool, "full", args.steps, out, "float32", work)
+                    child = tool.split("-")[0]
+                    raw.setdefault((model, length), {})[tool] = run_child(child, "full", args.steps, out, "float32", spec)
         rates.append(measured_matmul_rates("after the runs"))
     rate = max(r for sample in rates for name, r in sample.items() if isinstance(r, float))
     results["machine"]["utilisation_denominator_gflops"] = rate
     for (model, length), runs in raw.items():
         trl, inc = summarize([runs["trl"]], "full", rate), summarize([runs["incentive"]], "full", rate)
+        recomputing = summarize([runs["incentive-checkpointing"]], "full", rate)
         results["models"].setdefault(model, []).append(
             {
                 "length": length,
                 "workload": asdict(workload(names[model], length)),
                 "trl": trl,
                 "incentive": inc,
+                "incentive_checkpointing": recomputing,
                 "ratios": ratios(trl, inc),
                 "raw": runs,
             }

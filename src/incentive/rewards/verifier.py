@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, TypeVar
 
 from incentive.data.example import Example
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
@@ -46,13 +46,6 @@ _KIND_ALIASES: dict[str, AnswerKind] = {
     "string": "string",
     "boolean": "string",
 }
-
-
-@runtime_checkable
-class AnswerVerifier(Protocol):
-    """A verifier that judges one extracted answer against an example on its own (no model call)."""
-
-    def verify(self, example: Example, answer: str | None) -> Verdict: ...
 
 
 class CheckTimeout(BaseException):
@@ -377,7 +370,29 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 
 
 @REWARDS.register("verifier")
-class RuleVerifier(Reward):
+class AnswerReward(Reward):
+    """A reward that judges each completion's final answer (the answer block, its ``\\boxed{}`` if it holds one,
+    else the last ``\\boxed{}``) on its own, without a model call (:meth:`verify`): so it can also judge logged
+    samples and held-out evals. Extras: ``correct``."""
+
+    def verify(self, example: Example, answer: str | None) -> Verdict:
+        raise NotImplementedError
+
+    def verdicts(self, batch: RolloutBatch, ctx: RewardContext) -> list[Verdict]:
+        return [
+            self.verify(c.example, extract_answer(c.text, parsed.answer))
+            for c, parsed in zip(batch, ctx.parsed(batch), strict=True)
+        ]
+
+    def extras(self, verdicts: list[Verdict]) -> dict[str, list[float]]:
+        return {"correct": [float(v.correct) for v in verdicts]}
+
+    def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
+        verdicts = self.verdicts(batch, ctx)
+        return RewardResult([v.score for v in verdicts], [v.reason for v in verdicts], self.extras(verdicts))
+
+
+class RuleVerifier(AnswerReward):
     """1 for a correct final answer, 0 otherwise (reasoning-gym tasks may give partial credit); a missing answer,
     a parse failure, a checker error or a timeout is a 0 with a reason.
 
@@ -406,21 +421,8 @@ class RuleVerifier(Reward):
         except Exception as err:  # a checker bug is a scored outcome, never a crashed run
             return Verdict(0.0, answer, f"checker error: {type(err).__name__}: {err}")
 
-    def verdicts(self, batch: RolloutBatch, ctx: RewardContext) -> list[Verdict]:
-        return [
-            self.verify(c.example, extract_answer(c.text, parsed.answer))
-            for c, parsed in zip(batch, ctx.parsed(batch), strict=True)
-        ]
-
-    def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
-        verdicts = self.verdicts(batch, ctx)
-        return RewardResult(
-            [v.score for v in verdicts],
-            [v.reason for v in verdicts],
-            {
-                "correct": [float(v.correct) for v in verdicts],
-                "timeout": [
-                    float(bool(v.reason and v.reason.startswith("check timed out"))) for v in verdicts
-                ],
-            },
-        )
+    def extras(self, verdicts: list[Verdict]) -> dict[str, list[float]]:
+        return {
+            **super().extras(verdicts),
+            "timeout": [float(bool(v.reason and v.reason.startswith("check timed out"))) for v in verdicts],
+        }

@@ -10,9 +10,8 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 
 from incentive.data.example import Example
-from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
-from incentive.rewards.verifier import MAX_ANSWER_CHARS, Verdict, extract_answer
-from incentive.rollout.types import RolloutBatch
+from incentive.rewards.base import REWARDS
+from incentive.rewards.verifier import MAX_ANSWER_CHARS, AnswerReward, Verdict
 
 ARTICLES = frozenset({"a", "an", "the"})
 PREAMBLES = ("final answer is ", "final answer ", "answer is ", "answer ")
@@ -59,7 +58,7 @@ def accepted_wordings(example: Example, key: str = "accepted") -> list[str]:
 
 
 @REWARDS.register("accepted_wordings")
-class AcceptedWordings(Reward):
+class AcceptedWordings(AnswerReward):
     """1 when the final answer (the answer block, its ``\\boxed{}`` if it holds one, else the last ``\\boxed{}``)
     is an accepted wording of the example's answer, else 0 with a reason when there was nothing to compare.
     Extras: ``correct``."""
@@ -81,13 +80,3 @@ class AcceptedWordings(Reward):
             return Verdict(0.0, answer, f"checker error: {err}")
         return Verdict(float(matches(answer, wordings)), answer)
 
-    def verdicts(self, batch: RolloutBatch, ctx: RewardContext) -> list[Verdict]:
-        return [
-            self.verify(c.example, extract_answer(c.text, parsed.answer))
-            for c, parsed in zip(batch, ctx.parsed(batch), strict=True)
-        ]
-
-    def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> RewardResult:
-        verdicts = self.verdicts(batch, ctx)
-        correct = [float(v.correct) for v in verdicts]
-        return RewardResult([v.score for v in verdicts], [v.reason for v in verdicts], {"correct": correct})

@@ -23,7 +23,7 @@ from incentive.logprobs import backward_target_logprobs, plan_batches, target_lo
 from incentive.losses import PolicyLoss, Totals
 from incentive.rewards.base import RewardContext, Scorer
 from incentive.rewards.pipeline import RewardPipeline, Scored
-from incentive.rewards.verifier import AnswerVerifier, RuleVerifier, extract_answer
+from incentive.rewards.verifier import AnswerReward, RuleVerifier, extract_answer
 from incentive.rollout.types import Completion, RolloutBatch, group_indices
 from incentive.templates import Parsed, SingleBlockFormat, TagFormat, Template
 from incentive.training.metrics import summarize
@@ -333,14 +333,14 @@ def _sample(c: Completion, scored: Scored, i: int, reasoning: str | None) -> dic
     }
 
 
-def sample_judge(eval_verifier: str) -> AnswerVerifier:
+def sample_judge(eval_verifier: str) -> AnswerReward:
     """The held-out eval's verifier where it judges an answer on its own (rule, accepted wordings); for an LLM
     judge, which would cost a generation per logged sample, the rule verifier."""
     judge = build_verifier(eval_verifier)
-    return judge if isinstance(judge, AnswerVerifier) else RuleVerifier()
+    return judge if isinstance(judge, AnswerReward) else RuleVerifier()
 
 
-def verdict(c: Completion, parsed: Parsed, tags: TagFormat, verifier: AnswerVerifier) -> dict[str, Any]:
+def verdict(c: Completion, parsed: Parsed, tags: TagFormat, verifier: AnswerReward) -> dict[str, Any]:
     """The rule verifier's verdict on a logged completion, judged as the held-out eval judges (NOVER's reward never
     checks answers): ``correct`` reads the answer where the format puts it, ``correct_lenient`` wherever it is,
     ``answer`` is what it read; all None without a reference or when the format has no answer."""

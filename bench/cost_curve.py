@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,6 +31,8 @@ from grpo_vs_trl import (
     summarize,
 )
 from progress import Progress
+
+from incentive.paths import cache_dir
 
 WIDE = {
     "hidden_size": 1152,
@@ -147,6 +149,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512, 1024])
     parser.add_argument("--models", nargs="+", default=["embedded", "wide"], choices=["embedded", "wide"])
     parser.add_argument("--steps", type=int, default=2, help="steps per run; the first is warm-up")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the runs an interrupted invocation finished (in the cache)"
+    )
     args = parser.parse_args()
     names = {m: (m if m == "embedded" else str(wide_model())) for m in args.models}
     rates = [measured_matmul_rates("before the runs")]
@@ -158,20 +163,25 @@ def main() -> None:
     }
     progress = Progress("curve", len(args.models) * len(args.lengths) * 3)
     raw: dict[tuple[str, int], dict[str, dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models:
-            for length in args.lengths:
-                work = workload(names[model], length)
-                for tool, spec in (
-                    ("trl", work),
-                    ("incentive", work),
-                    ("incentive-checkpointing", replace(work, checkpointing=True)),
-                ):
-                    progress.start(f"{model}, {length} tokens: {'TRL' if tool == 'trl' else tool}")
-                    out = Path(tmp) / f"{tool}-{model}-{length}.json"
-                    child = tool.split("-")[0]
-                    raw.setdefault((model, length), {})[tool] = run_child(child, "full", args.steps, out, "float32", spec)
-        rates.append(measured_matmul_rates("after the runs"))
+    kept = cache_dir() / "bench" / f"cost_curve-{kind['kind']}"
+    if not args.resume:
+        shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True, exist_ok=True)
+    for model in args.models:
+        for length in args.lengths:
+            work = workload(names[model], length)
+            for tool, spec in (
+                ("trl", work),
+                ("incentive", work),
+                ("incentive-checkpointing", replace(work, checkpointing=True)),
+            ):
+                progress.start(f"{model}, {length} tokens: {'TRL' if tool == 'trl' else tool}")
+                out = kept / f"{tool}-{model}-{length}.json"
+                child = tool.split("-")[0]
+                raw.setdefault((model, length), {})[tool] = run_child(
+                    child, "full", args.steps, out, "float32", spec, args.resume
+                )
+    rates.append(measured_matmul_rates("after the runs"))
     rate = max(r for sample in rates for name, r in sample.items() if isinstance(r, float))
     results["machine"]["utilisation_denominator_gflops"] = rate
     for (model, length), runs in raw.items():

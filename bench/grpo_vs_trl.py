@@ -33,6 +33,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from progress import Progress
+
+from incentive.paths import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -364,8 +367,16 @@ def child(tool: str, variant: str, steps: int, out: Path, sampling_dtype: str, w
     out.write_text(json.dumps(data))
 
 
-def run_child(tool: str, variant: str, steps: int, out: Path, sampling_dtype: str, work: Workload) -> dict:
-    """:func:`child` in a process of its own (so its peak RSS is its own); its results."""
+def run_child(
+    tool: str, variant: str, steps: int, out: Path, sampling_dtype: str, work: Workload, reuse: bool = False
+) -> dict:
+    """:func:`child` in a process of its own (so its peak RSS is its own); its results, which stay in ``out``.
+    With ``reuse``, results already in ``out`` for the same workload and steps are taken instead of a run."""
+    if reuse and out.exists():
+        kept = json.loads(out.read_text())
+        if kept.get("spec") == asdict(work) and len(kept["step_s" if "step_s" in kept else "generate_s"]) == steps:
+            print(f"[bench] reusing {out}", flush=True)
+            return kept
     subprocess.run(
         [
             *(sys.executable, str(Path(__file__).resolve()), "--sampling-dtype", sampling_dtype),
@@ -374,7 +385,9 @@ def run_child(tool: str, variant: str, steps: int, out: Path, sampling_dtype: st
         check=True,
         cwd=ROOT,
     )
-    return json.loads(out.read_text())
+    result = {**json.loads(out.read_text()), "spec": asdict(work)}
+    out.write_text(json.dumps(result))
+    return result
 
 
 def summarize(runs: list[dict], variant: str, rate: float) -> dict:
@@ -525,6 +538,11 @@ def main() -> None:
         "--child", nargs=4, metavar=("TOOL", "VARIANT", "STEPS", "OUT"), help=argparse.SUPPRESS
     )
     parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs an interrupted invocation finished (kept in the cache's bench/NAME folder)",
+    )
     args = parser.parse_args()
     if args.child:
         tool, variant, steps, out = args.child
@@ -554,18 +572,22 @@ def main() -> None:
     ]
     progress = Progress("bench", len(plan) * args.reps * 2)
     raws: dict[str, dict[str, dict[str, list[dict]]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for variant, checkpointing in plan:
-            setting = setting_name(checkpointing)
-            raw: dict[str, list[dict]] = {"trl": [], "incentive": []}
-            for rep in range(args.reps):
-                for tool in ("trl", "incentive"):
-                    out = Path(tmp) / f"{tool}-{variant}-{setting}-{rep}.json"
-                    progress.start(f"{variant}: {tool_label(tool, variant, setting)}, repetition {rep + 1}/{args.reps}")
-                    spec = replace(work, checkpointing=checkpointing)
-                    raw[tool].append(run_child(tool, variant, args.steps, out, args.sampling_dtype, spec))
-            raws.setdefault(variant, {})[setting] = raw
-            rates.append(measured_matmul_rates(f"after {variant}, {setting}"))
+    name = results_name(args.workload, args.sampling_dtype)
+    kept = cache_dir() / "bench" / name
+    if not args.resume:
+        shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True, exist_ok=True)
+    for variant, checkpointing in plan:
+        setting = setting_name(checkpointing)
+        raw: dict[str, list[dict]] = {"trl": [], "incentive": []}
+        for rep in range(args.reps):
+            for tool in ("trl", "incentive"):
+                out = kept / f"{tool}-{variant}-{setting}-{rep}.json"
+                progress.start(f"{variant}: {tool_label(tool, variant, setting)}, repetition {rep + 1}/{args.reps}")
+                spec = replace(work, checkpointing=checkpointing)
+                raw[tool].append(run_child(tool, variant, args.steps, out, args.sampling_dtype, spec, args.resume))
+        raws.setdefault(variant, {})[setting] = raw
+        rates.append(measured_matmul_rates(f"after {variant}, {setting}"))
     rate = max(r for sample in rates for name, r in sample.items() if isinstance(r, float))
     results["machine"]["utilisation_denominator_gflops"] = rate
     for variant, by_setting in raws.items():
@@ -584,7 +606,6 @@ def main() -> None:
         }
     target = ROOT / "bench" / "results"
     target.mkdir(parents=True, exist_ok=True)
-    name = results_name(args.workload, args.sampling_dtype)
     (target / f"{name}.json").write_text(json.dumps(results, indent=2))
     markdown = f"Machine: {results['machine']['model_name']} ({results['machine']['kind']}).\n\n" + table(results)
     (target / f"{name}.md").write_text(markdown)

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/cost_curve.py                         # lengths 64 256 512 1024, embedded + wide
     .venv/bin/python bench/cost_curve.py --lengths 64 256 --models embedded
+    .venv/bin/python bench/cost_curve.py --wide-lengths 64 256 512     # the wide model at fewer lengths
 
 At each point both tools run the same full fine-tuning GRPO step (4 prompts x 4 completions, every completion
 exactly L new tokens: no end token is sampled before L), each in its own process, ``--steps`` steps of which the
@@ -147,6 +148,9 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512, 1024])
+    parser.add_argument(
+        "--wide-lengths", type=int, nargs="+", help="lengths for the wide model (default: --lengths)"
+    )
     parser.add_argument("--models", nargs="+", default=["embedded", "wide"], choices=["embedded", "wide"])
     parser.add_argument("--steps", type=int, default=2, help="steps per run; the first is warm-up")
     parser.add_argument(
@@ -161,14 +165,15 @@ def main() -> None:
         "workload": {"prompts": 4, "generations": 4, "steps": args.steps, "variant": "full"},
         "models": {},
     }
-    progress = Progress("curve", len(args.models) * len(args.lengths) * 3)
+    lengths = {m: (args.wide_lengths or args.lengths) if m == "wide" else args.lengths for m in args.models}
+    progress = Progress("curve", sum(len(v) for v in lengths.values()) * 3)
     raw: dict[tuple[str, int], dict[str, dict]] = {}
     kept = cache_dir() / "bench" / f"cost_curve-{kind['kind']}"
     if not args.resume:
         shutil.rmtree(kept, ignore_errors=True)
     kept.mkdir(parents=True, exist_ok=True)
     for model in args.models:
-        for length in args.lengths:
+        for length in lengths[model]:
             work = workload(names[model], length)
             for tool, spec in (
                 ("trl", work),

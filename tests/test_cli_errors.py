@@ -87,8 +87,12 @@ def test_override_value_that_is_not_yaml(recipe: Path, tmp_path: Path, capsys) -
         ),
         (
             ["generation.engine=vlm"],
-            "error: --set generation.engine=vlm: generation.engine = 'vlm': should be 'cached', 'hf' or 'vllm'; "
-            "did you mean 'vllm'?",
+            "error: --set generation.engine=vlm: generation.engine: unknown engine 'vlm'; did you mean 'vllm'?",
+        ),
+        (
+            ["optim.schedule=cosin"],
+            "error: --set optim.schedule=cosin: optim.schedule = 'cosin': should be 'constant', 'linear' or "
+            "'cosine'; did you mean 'cosine'?",
         ),
         (
             ["loss.kl_reference=proxy"],
@@ -96,7 +100,7 @@ def test_override_value_that_is_not_yaml(recipe: Path, tmp_path: Path, capsys) -
             "is false",
         ),
     ],
-    ids=["type", "bound", "unknown-key", "unknown-reward", "literal", "cross-check"],
+    ids=["type", "bound", "unknown-key", "unknown-reward", "unknown-engine", "literal", "cross-check"],
 )
 def test_bad_override_names_key_value_and_the_set(
     overrides: list[str], expected: str, recipe: Path, tmp_path: Path, capsys

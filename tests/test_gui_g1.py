@@ -7,7 +7,7 @@ import torch
 from incentive.advantages import ADVANTAGES
 from incentive.config import RewardConfig, TemplateConfig
 from incentive.data import Example
-from incentive.losses import PolicyLoss, Totals
+from incentive.losses import Clipped, Totals
 from incentive.rewards.base import RewardContext
 from incentive.rewards.gui_g1 import closeness, hit, iou, parse_box
 from incentive.rewards.pipeline import RewardPipeline
@@ -82,7 +82,7 @@ def test_difficulty_weight_scales_the_advantage():
 
 
 def test_constant_normaliser_weighs_long_responses_by_their_length():
-    loss = PolicyLoss(aggregation="constant", constant=64.0)
+    loss = Clipped(aggregation="constant", constant=64.0)
     logp = torch.zeros(2, 40, requires_grad=True)
     mask = torch.zeros(2, 40)
     mask[0, :10] = 1

@@ -110,9 +110,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from incentive.engines import SamplingParams
     from incentive.evaluation import build_verifier, evaluate, headline, markdown_report, write_report
     from incentive.models import context_length, load_tokenizer
+    from incentive.models.lora import adapter_base
+    from incentive.plugins import import_plugin
     from incentive.run import build_template
     from incentive.training.policy import load_model_for_eval
 
+    for entry in args.imports:
+        try:
+            import_plugin(entry, Path.cwd())
+        except ValueError as err:
+            raise ConfigError(f"--import: {err}") from err
     ks = sorted(set(args.k))
     if ks[-1] > args.samples:
         raise ConfigError(f"--k values must be between 1 and --samples ({args.samples}); got {ks}")
@@ -140,8 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"[incentive] skipped {len(loaded.skipped)} bad rows, e.g. {loaded.skipped[0]}")
     examples = loaded.examples
     template = build_template(template_cfg)
-    adapter = Path(args.model) / "adapter_config.json"
-    base = json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.exists() else None
+    base = adapter_base(args.model)
     tokenizer = load_tokenizer(base or args.model)  # a LoRA adapter uses its base model's tokenizer
     examples, too_long = fit_to_context(
         examples,
@@ -255,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a bad row (or a prompt too long for the model) stops the eval, or is left out and counted",
     )
     ev.add_argument("--template", default="think-answer")
+    ev.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="PLUGIN",
+        help="a .py file or module name whose parts (e.g. a template) to register first; repeatable",
+    )
     ev.add_argument("--samples", type=at_least(1), default=1, help="samples per prompt (n of pass@k)")
     ev.add_argument(
         "--k", type=at_least(1), nargs="+", default=[1], help="pass@k for these k (each <= --samples)"

@@ -6,12 +6,22 @@ import re
 from collections.abc import Callable
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from incentive.data.config import DataConfig, follow_source_overrides, recipe_sources
+from incentive.plugins import import_plugin
 from incentive.registry import UnknownName, did_you_mean
 from incentive.training.sinks import BACKENDS, check_installed
 
@@ -93,10 +103,11 @@ class VLLMConfig(Strict):
 
 
 class GenerationConfig(Strict):
-    engine: Literal["cached", "hf", "vllm"] = Field(
+    engine: str = Field(
         "cached",
         description="cached: own decode loop sharing each prompt's KV cache; hf: transformers generate; "
-        "vllm: vLLM on a CUDA GPU (or vLLM's CPU build), weights synced after each update (pip install 'incentive[vllm]')",
+        "vllm: vLLM on a CUDA GPU (or vLLM's CPU build), weights synced after each update (pip install 'incentive[vllm]'); "
+        "or an engine a plugin registers (incentive.engines.ENGINES)",
     )
     num_generations: int = Field(4, ge=1, description="G: completions per prompt")
     prompts_per_step: int = Field(4, ge=1)
@@ -116,6 +127,11 @@ class GenerationConfig(Strict):
         "scores in fp32)",
     )
     vllm: VLLMConfig = VLLMConfig()
+
+    @field_validator("engine")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered("incentive.engines", "ENGINES", name)
 
     @model_validator(mode="after")
     def _lengths_consistent(self) -> GenerationConfig:
@@ -146,6 +162,11 @@ class GenerationConfig(Strict):
 
 class RewardConfig(Strict):
     name: str
+    id: str | None = Field(
+        None,
+        description="the part's key in metrics and logs (reward/ID/mean); default: its name. Distinct ids let "
+        "one reward be listed twice, e.g. with different args",
+    )
     weight: float = 1.0
     args: dict[str, Any] = {}
     timeout_s: float = Field(600.0, gt=0, description="a call that takes longer fails its samples: timeout")
@@ -154,6 +175,19 @@ class RewardConfig(Strict):
     @classmethod
     def _registered(cls, name: str) -> str:
         return registered("incentive.rewards", "REWARDS", name)
+
+    @field_validator("id")
+    @classmethod
+    def _plain(cls, value: str | None) -> str | None:
+        """An id names metric keys split on '/' (reward/ID/mean), so it is a plain word."""
+        if value is not None and not re.fullmatch(r"[\w.-]+", value):
+            raise ValueError(f"'{value}': use letters, digits, '_', '-' and '.' (it names metrics: reward/ID/mean)")
+        return value
+
+    @property
+    def key(self) -> str:
+        """What the part's scores are logged under: its id, else its name."""
+        return self.id or self.name
 
 
 class AdvantageConfig(Strict):
@@ -167,13 +201,64 @@ class AdvantageConfig(Strict):
 
 
 class LossConfig(Strict):
-    eps_low: float = 0.2
-    eps_high: float = 0.28
+    """The policy loss by name (incentive.losses.POLICY_LOSSES) with its own keys, the KL and the aggregation."""
+
+    name: str = Field("clipped", description="clipped, dual_clip, gspo or cispo (see docs/losses.md)")
+    eps_low: float = Field(0.2, description="clipped, dual_clip: ratio clipped below at 1 - eps_low")
+    eps_high: float = Field(0.28, description="clipped, dual_clip: ratio clipped above at 1 + eps_high")
+    clip_ratio_c: float = Field(
+        3.0, gt=1, description="dual_clip: where A < 0, the loss is at most -clip_ratio_c·A"
+    )
+    gspo_eps_low: float = Field(3e-4, ge=0, description="gspo: sequence ratio clipped below at 1 - gspo_eps_low")
+    gspo_eps_high: float = Field(4e-4, ge=0, description="gspo: sequence ratio clipped above at 1 + gspo_eps_high")
+    cispo_eps_low: float = Field(
+        1.0, ge=0, le=1, description="cispo: IS weight floor 1 - cispo_eps_low (1: no floor, as MiniMax-M1)"
+    )
+    cispo_eps_high: float = Field(3.0, ge=0, description="cispo: IS weight cap 1 + cispo_eps_high")
     kl_beta: float = Field(0.0, ge=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: str = Field("k3", description="k1, k2 or k3 (incentive.losses.KL_ESTIMATORS)")
+    kl_in_reward: bool = Field(
+        False,
+        description="subtract kl_beta·KL(old policy, reference) per token from the advantage (PPO-RLHF's per-token "
+        "KL reward) instead of adding kl_beta·KL as a loss term",
+    )
     kl_reference: Literal["initial", "proxy"] = "initial"
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "constant"] = "token-mean"
+    aggregation: str = Field(
+        "token-mean", description="token-mean, seq-mean-token-mean or constant (incentive.losses.AGGREGATIONS)"
+    )
     constant_normaliser: float | None = Field(None, gt=0, description="default: generation.max_new_tokens")
+
+    @field_validator("name")
+    @classmethod
+    def _registered_loss(cls, name: str) -> str:
+        return registered("incentive.losses", "POLICY_LOSSES", name)
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _registered_estimator(cls, name: str) -> str:
+        return registered("incentive.losses", "KL_ESTIMATORS", name)
+
+    @field_validator("aggregation")
+    @classmethod
+    def _registered_aggregation(cls, name: str) -> str:
+        return registered("incentive.losses", "AGGREGATIONS", name)
+
+    @model_validator(mode="after")
+    def _keys_of_the_loss(self) -> LossConfig:
+        """Refuse a key only another loss reads, set away from its default (it would do nothing); a resolved
+        config, which lists the unread keys at their defaults, still loads. The default loss's keys (eps_low, eps_high)
+        pass with any loss: recipes carry them, and ``--set loss.name=...`` should still work."""
+        from incentive.losses import POLICY_LOSSES, own_keys
+
+        fields = type(self).model_fields
+        reads = set(own_keys(POLICY_LOSSES.get(self.name)))
+        always = set(own_keys(POLICY_LOSSES.get(fields["name"].default)))
+        changed = {key for key in self.model_fields_set if getattr(self, key) != fields[key].default}
+        for key in sorted(changed - reads - always):
+            users = [n for n in POLICY_LOSSES.names() if key in own_keys(POLICY_LOSSES.get(n))]
+            if users:
+                raise ValueError(f"{key} is read by {', '.join(users)}, not by loss '{self.name}'")
+        return self
 
 
 class OptimConfig(Strict):
@@ -307,8 +392,27 @@ class LoggingConfig(Strict):
         return self
 
 
-class Recipe(Strict):
-    """A whole run. ``description`` is what ``incentive recipes`` prints."""
+def _imported(entry: str, info: ValidationInfo) -> str:
+    """Import a plugin the recipe names; a path is relative to the validation context's ``recipe_dir`` (the recipe
+    file's folder, as :func:`load_recipe` passes it), else to the current folder."""
+    base = (info.context or {}).get("recipe_dir") or Path.cwd()
+    return import_plugin(entry, Path(base))
+
+
+class Plugins(Strict):
+    """The recipe's plugins; :func:`load_recipe` checks them alone first, so a failed import is the one error."""
+
+    imports: list[Annotated[str, AfterValidator(_imported)]] = Field(
+        default_factory=list,
+        description="modules that register parts (rewards, estimators, losses, hooks, templates, engines) with the "
+        "package's decorators: .py files (relative to the recipe's folder) or dotted module names",
+    )
+
+
+class Recipe(Plugins):
+    """A whole run. ``description`` is what ``incentive recipes`` prints. Pydantic validates fields in the order
+    they are defined, and ``imports`` (from :class:`Plugins`) comes first: the plugins register their parts before
+    any name in the recipe is checked."""
 
     description: str = ""
     model: ModelConfig = ModelConfig()
@@ -401,7 +505,9 @@ def read_recipe(path: Path) -> dict[str, Any]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply overrides, validate everything (before any model is loaded)."""
+    """Read a YAML recipe, apply overrides, import its plugins, validate everything (before any model is loaded).
+    Plugin paths are relative to the recipe's folder, or to the current folder where ``--set imports=...`` gave
+    them."""
     path = Path(path)
     tree = read_recipe(path)
     sources = recipe_sources(tree)
@@ -422,8 +528,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         below = [f"--set {text}" for keys, text in applied if keys[: len(at)] == at]
         return " and ".join([str(path), *below])
 
+    from_set = any(keys[0] == "imports" for keys, _ in applied)
+    context = {"recipe_dir": Path.cwd() if from_set else path.resolve().parent}
     try:
-        return Recipe.model_validate(tree)
+        if "imports" in tree:
+            Plugins.model_validate({"imports": tree["imports"]}, context=context)
+        return Recipe.model_validate(tree, context=context)
     except ValidationError as err:
         raise ConfigError(explain(err, Recipe, origin)) from err
 

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from incentive.grad_in_place import add_product, add_tensor, embedding_in_place, in_place_for
 from incentive.kernels.log_softmax import log_softmax_backward_, target_log_softmax
+from incentive.models.lora import base_model
 from incentive.models.onednn import OneDNNLinear, matmul, onednn_linear
 
 # Model types whose logits are exactly lm_head(hidden state).
@@ -84,7 +85,7 @@ class FusedHead:
 
 def head_for(model: PreTrainedModel) -> LogitsHead | FusedHead:
     """The fused head where the model's logits are a plain linear map of its last hidden state."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = getattr(base, "lm_head", None)
     if (
         base.config.model_type in PLAIN_HEAD_TYPES

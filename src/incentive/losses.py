@@ -1,4 +1,5 @@
-"""Policy loss: clipped surrogate with separate low/high clip, optional KL penalty, and aggregation modes.
+"""Policy losses by name (clipped, dual_clip, gspo, cispo), the KL to a reference (a loss term or folded into
+the advantage) and the aggregation over tokens.
 
 Aggregation denominators are batch-wide (passed in), so splitting a batch into micro-batches for gradient
 accumulation gives exactly the gradient of the whole batch.
@@ -6,12 +7,17 @@ accumulation gives exactly the gradient of the whole batch.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from incentive.registry import Registry
+
+if TYPE_CHECKING:
+    from incentive.config import LossConfig
 
 KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")
@@ -71,16 +77,22 @@ def constant_normaliser(
     return (loss * mask).sum() / (max(totals.sequences, 1) * constant)
 
 
-@dataclass(frozen=True)
-class PolicyLoss:
-    """−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) + β·KL, aggregated by name."""
+@dataclass(frozen=True, kw_only=True)
+class PolicyLoss(ABC):
+    """What every policy loss shares: the KL to the reference, as a loss term or folded into the advantage, and
+    the aggregation over tokens; a subclass supplies the per-token surrogate."""
 
-    eps_low: float = 0.2
-    eps_high: float = 0.2
     beta: float = 0.0
     kl_estimator: str = "k3"
+    kl_in_reward: bool = False
     aggregation: str = "token-mean"
     constant: float = 1.0
+
+    @abstractmethod
+    def surrogate(
+        self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The per-token loss [B, T] before any KL term and aggregation, and its detached stats."""
 
     def __call__(
         self,
@@ -91,24 +103,163 @@ class PolicyLoss:
         totals: Totals,
         ref_logp: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """logp/old_logp/ref_logp/mask: [B, T]; advantages: [B]. Returns the loss and detached stats."""
+        """logp/old_logp/ref_logp/mask: [B, T]; advantages: [B, T], or [B] for one per completion. Returns the
+        aggregated loss and detached stats.
+
+        KL in the loss adds β·kl(logp, ref) per token, with its gradient. KL in the reward subtracts
+        β·kl(old_logp, ref) per token from the advantage, detached: PPO-RLHF's per-token reward −β·KL, applied to
+        each token's own advantage (no sum over later tokens, as an estimator that gives each token its return
+        would do)."""
         mask = mask.to(logp.dtype)
-        ratio = torch.exp(logp - old_logp)
-        adv = advantages[:, None].to(logp.dtype)
-        unclipped = ratio * adv
-        clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high) * adv
-        per_token = -torch.minimum(unclipped, clipped)
-        stats: dict[str, float] = {}
-        with torch.no_grad():
-            n = mask.sum().clamp(min=1)
-            stats["clip_frac"] = float(((clipped < unclipped).to(mask.dtype) * mask).sum() / n)
-            stats["ratio_mean"] = float((ratio * mask).sum() / n)
+        adv = per_token(advantages, logp)
+        kl: torch.Tensor | None = None
         if self.beta > 0:
             if ref_logp is None:
                 raise ValueError("a KL penalty (beta > 0) needs reference logprobs")
-            kl = KL_ESTIMATORS.get(self.kl_estimator)(logp, ref_logp)
-            per_token = per_token + self.beta * kl
-            with torch.no_grad():
-                stats["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
+            estimator = KL_ESTIMATORS.get(self.kl_estimator)
+            if self.kl_in_reward:
+                with torch.no_grad():
+                    kl = estimator(old_logp, ref_logp)
+                adv = adv - self.beta * kl
+            else:
+                kl = estimator(logp, ref_logp)
+        per_token_loss, stats = self.surrogate(logp, old_logp, adv, mask)
+        if kl is not None:
+            if not self.kl_in_reward:
+                per_token_loss = per_token_loss + self.beta * kl
+            stats["kl"] = masked_mean(kl, mask)
         aggregate = AGGREGATIONS.get(self.aggregation)
-        return aggregate(per_token, mask, totals, self.constant), stats
+        return aggregate(per_token_loss, mask, totals, self.constant), stats
+
+
+def per_token(advantages: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Advantages as [B, T] in logp's dtype: one per completion ([B]) is repeated over its tokens."""
+    adv = advantages.to(logp.dtype)
+    if adv.dim() == 1:
+        adv = adv[:, None].expand_as(logp)
+    if adv.shape != logp.shape:
+        raise ValueError(f"advantages of shape {tuple(advantages.shape)} fit no logprobs of {tuple(logp.shape)}")
+    return adv
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of ``values`` over the tokens ``mask`` keeps, for stats."""
+    with torch.no_grad():
+        return float((values * mask).sum() / mask.sum().clamp(min=1))
+
+
+POLICY_LOSSES: Registry[type[PolicyLoss]] = Registry("policy loss")
+
+
+@POLICY_LOSSES.register("clipped")
+@dataclass(frozen=True, kw_only=True)
+class Clipped(PolicyLoss):
+    """PPO's clipped surrogate with separate bounds (DAPO's clip-higher): −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A),
+    ρ = exp(logp − old_logp) per token."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+
+    def surrogate(
+        self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        ratio = torch.exp(logp - old_logp)
+        unclipped = ratio * advantages
+        clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high) * advantages
+        stats = {
+            "clip_frac": masked_mean((clipped < unclipped).to(mask.dtype), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+        return -torch.minimum(unclipped, clipped), stats
+
+
+@POLICY_LOSSES.register("dual_clip")
+@dataclass(frozen=True, kw_only=True)
+class DualClip(Clipped):
+    """Dual-clip PPO (Ye et al., 2020): where A < 0 the clipped surrogate's loss is also capped at −c·A, so a
+    token whose ratio grew far past 1 + ε_high (ρ > c) cannot push the loss without bound:
+    loss = min(−min(ρA, clip(ρ)A), −cA) for A < 0, the clipped loss otherwise."""
+
+    clip_ratio_c: float = 3.0
+
+    def surrogate(
+        self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, stats = super().surrogate(logp, old_logp, advantages, mask)
+        cap = -self.clip_ratio_c * advantages
+        capped = (advantages < 0) & (cap < loss)
+        stats["dual_clip_frac"] = masked_mean(capped.to(mask.dtype), mask)
+        return torch.where(capped, cap, loss), stats
+
+
+@POLICY_LOSSES.register("gspo")
+@dataclass(frozen=True, kw_only=True)
+class GSPO(PolicyLoss):
+    """GSPO (Zheng et al., 2025), token form: one importance ratio per sequence,
+    s = exp(mean over its tokens of (logp − old_logp)), clipped to [1 − ε_low, 1 + ε_high] (about 1e-4 wide);
+    per token s_t = sg[s]·exp(logp_t − sg[logp_t]) (value s, gradient s per token) and the loss is
+    −min(s_t·A_t, clip(s_t)·A_t). With seq-mean-token-mean aggregation this is the paper's objective."""
+
+    gspo_eps_low: float = 3e-4
+    gspo_eps_high: float = 4e-4
+
+    def surrogate(
+        self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        log_seq = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        ratio = torch.exp(log_seq.detach()[:, None] + logp - logp.detach())
+        unclipped = ratio * advantages
+        clipped = torch.clamp(ratio, 1 - self.gspo_eps_low, 1 + self.gspo_eps_high) * advantages
+        stats = {
+            "clip_frac": masked_mean((clipped < unclipped).to(mask.dtype), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+        return -torch.minimum(unclipped, clipped), stats
+
+
+@POLICY_LOSSES.register("cispo")
+@dataclass(frozen=True, kw_only=True)
+class CISPO(PolicyLoss):
+    """CISPO (MiniMax-M1, 2025): −sg[clip(ρ, 1 − ε_low, 1 + ε_high)]·A·logp per token. The clipped ratio is only
+    a weight, so every token keeps a gradient (−weight·A), clipped or not. Defaults: no lower bound (ε_low = 1),
+    as in the paper, and weights capped at 4."""
+
+    cispo_eps_low: float = 1.0
+    cispo_eps_high: float = 3.0
+
+    def surrogate(
+        self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            ratio = torch.exp(logp - old_logp)
+            weight = torch.clamp(ratio, 1 - self.cispo_eps_low, 1 + self.cispo_eps_high)
+        stats = {
+            "clip_frac": masked_mean((weight != ratio).to(mask.dtype), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+        return -weight * advantages * logp, stats
+
+
+SHARED = frozenset(f.name for f in fields(PolicyLoss))
+"""The fields every policy loss has; the rest of a loss's fields are its own recipe keys."""
+
+
+def own_keys(loss: type[PolicyLoss]) -> list[str]:
+    """The recipe keys (``loss.<key>``) a loss reads beyond the shared ones: its own dataclass fields."""
+    return [f.name for f in fields(loss) if f.name not in SHARED]
+
+
+def build_policy_loss(cfg: LossConfig, default_constant: float) -> PolicyLoss:
+    """The recipe's loss: the class ``cfg.name`` registers, given the shared settings and the config keys named
+    like its own fields (a field the config lacks keeps its default); ``default_constant`` stands in for an
+    unset ``constant_normaliser``."""
+    loss = POLICY_LOSSES.get(cfg.name)
+    own = {key: getattr(cfg, key) for key in own_keys(loss) if key in type(cfg).model_fields}
+    return loss(
+        beta=cfg.kl_beta,
+        kl_estimator=cfg.kl_estimator,
+        kl_in_reward=cfg.kl_in_reward,
+        aggregation=cfg.aggregation,
+        constant=cfg.constant_normaliser or default_constant,
+        **own,
+    )

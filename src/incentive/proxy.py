@@ -39,6 +39,8 @@ from peft.utils import ModulesToSaveWrapper, TrainableTokensWrapper
 from torch import nn
 from transformers import PreTrainedModel
 
+from incentive.models.lora import is_lora
+
 ProxyMode = Literal["ema", "frozen"]
 LoraSync = Literal["factors", "exact"]
 RANK_RTOL = 1e-7
@@ -83,8 +85,8 @@ def make_proxy(
     max_rank: int | None = None,
 ) -> Proxy:
     """A LoRA proxy sharing the base weights when the policy is a peft model, else a full copy."""
-    if isinstance(policy, PeftModel):
-        return LoraProxy(policy, mode, lora_sync, max_rank)
+    if is_lora(policy):
+        return LoraProxy(cast(PeftModel, policy), mode, lora_sync, max_rank)
     return CopyProxy(policy, mode)
 
 

@@ -43,7 +43,8 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[T], T]:
         def add(item: T) -> T:
             if name in self._items:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
+                first, second = _origin(self._items[name]), _origin(item)
+                raise ValueError(f"{self.kind} '{name}' is registered twice (by {first} and by {second})")
             self._items[name] = item
             return item
 
@@ -59,3 +60,10 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+def _origin(item: object) -> str:
+    """Where a part was defined (``module.Class``), so a plugin that reuses a taken name learns whose it is."""
+    module = getattr(item, "__module__", None) or "?"
+    qualname = getattr(item, "__qualname__", None) or type(item).__qualname__
+    return f"{module}.{qualname}"

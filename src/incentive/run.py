@@ -34,9 +34,10 @@ from incentive.engines import ENGINES, Engine, SamplingParams
 from incentive.engines.tools import ToolEngine
 from incentive.evaluation import build_verifier, evaluate, write_completions
 from incentive.hooks import HOOKS
-from incentive.losses import PolicyLoss
+from incentive.losses import build_policy_loss
 from incentive.malloc import keep_freed_memory
 from incentive.models import context_length, load_tokenizer
+from incentive.models.lora import is_lora
 from incentive.registry import Registry
 from incentive.rewards import REWARDS  # noqa: F401  (registers the built-in rewards)
 from incentive.rewards.pipeline import RewardPipeline
@@ -46,7 +47,7 @@ from incentive.tools import TOOLS, CallProtocol, Tool
 from incentive.training.checkpoint import Checkpoints, rng_state, set_rng_state
 from incentive.training.metrics import MetricsLog
 from incentive.training.optim import build_optimizer, build_scheduler
-from incentive.training.policy import build_policy, is_lora, load_policy_weights, trainable_parameters
+from incentive.training.policy import build_policy, load_policy_weights, trainable_parameters
 from incentive.training.rl import RLParts, RLTrainer, TooManyFailures
 from incentive.training.run_lock import LOCK_NAME, RunFolderBusy, RunLock
 from incentive.training.sampler import EpochSampler
@@ -382,7 +383,6 @@ class Run:
         if proxy is not None:
             views["proxy"] = proxy.view
         reference = self._build_reference(policy, proxy)
-        loss_cfg = recipe.loss
         parts = RLParts(
             policy=policy,
             tokenizer=tokenizer,
@@ -390,14 +390,7 @@ class Run:
             engine=self._engine(policy, tokenizer),
             rewards=self.rewards,
             estimator=self.estimator,
-            loss=PolicyLoss(
-                loss_cfg.eps_low,
-                loss_cfg.eps_high,
-                loss_cfg.kl_beta,
-                loss_cfg.kl_estimator,
-                loss_cfg.aggregation,
-                loss_cfg.constant_normaliser or float(recipe.generation.max_new_tokens),
-            ),
+            loss=build_policy_loss(recipe.loss, float(recipe.generation.max_new_tokens)),
             optimizer=optimizer,
             scheduler=scheduler,
             sampler=EpochSampler(self.train_examples, recipe.run.seed),

@@ -31,7 +31,8 @@ from incentive.kernels import build, decode_attention, small_rows
 from incentive.kernels.swiglu import swiglu
 from incentive.models.fused_mlp import is_gated_silu_mlp
 from incentive.models.fused_norm import NORM_CLASSES
-from incentive.models.llama_family import base_model, is_plain_llama_family
+from incentive.models.llama_family import is_plain_llama_family
+from incentive.models.lora import base_model
 from incentive.models.onednn import is_plain_linear
 
 

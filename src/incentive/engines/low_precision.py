@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from incentive.models.lora import base_model
+
 
 def has_bf16_units(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (the ``amx_bf16`` flag)."""
@@ -50,7 +52,7 @@ class LowPrecisionCopy:
     def model_for(self, policy: PreTrainedModel) -> PreTrainedModel:
         """The copy holding ``policy``'s current weights. A LoRA policy must be inside
         :func:`incentive.engines.merged.merged_lora`, so that its base layers hold the merged weights."""
-        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        base = base_model(policy)
         if self.copy is None:
             self.copy = AutoModelForCausalLM.from_config(
                 base.config, dtype=self.dtype, attn_implementation="sdpa"

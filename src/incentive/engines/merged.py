@@ -9,12 +9,14 @@ from contextlib import contextmanager
 
 import torch
 
+from incentive.models.lora import is_lora
+
 
 @contextmanager
 def merged_lora(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, ``model`` computes W + ΔW of its active adapter with the adapter layers switched off; a
     model without LoRA is left as it is."""
-    if not hasattr(model, "peft_config"):
+    if not is_lora(model):
         yield
         return
     from peft.tuners.lora import LoraLayer

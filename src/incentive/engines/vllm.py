@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from incentive.config import ConfigError, VLLMConfig
 from incentive.data.example import Example
 from incentive.engines.base import Engine, SamplingParams
+from incentive.models.lora import base_model, is_lora
 from incentive.rollout.types import Completion, RolloutBatch
 
 if TYPE_CHECKING:
@@ -87,22 +88,16 @@ def load_vllm() -> ModuleType:
     return importlib.import_module("vllm")
 
 
-def is_peft(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a peft-wrapped (LoRA) policy."""
-    return hasattr(model, "peft_config")
-
-
 def tied_head(model: PreTrainedModel) -> bool:
     """Whether the policy's LM head is tied to its input embeddings."""
-    body = model.get_base_model() if is_peft(model) else model
-    return bool(getattr(body.config, "tie_word_embeddings", False))
+    return bool(getattr(base_model(model).config, "tie_word_embeddings", False))
 
 
 def base_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The policy's base weights under Hugging Face checkpoint names, the names vLLM's ``load_weights`` takes:
     a LoRA policy's adapter tensors are left out and peft's ``base_layer`` step dropped from the names, and a
     head tied to the embeddings is left out (vLLM ties it itself)."""
-    body = model.get_base_model() if is_peft(model) else model
+    body = base_model(model)
     tied = tied_head(model)
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in body.state_dict().items():
@@ -114,7 +109,7 @@ def base_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """A Hugging Face folder vLLM can load: config, tokenizer and the live base weights as safetensors."""
-    body = model.get_base_model() if is_peft(model) else model
+    body = base_model(model)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.to("cpu").contiguous() for name, t in base_weights(model).items()}
     save_file(tensors, str(folder / "model.safetensors"))
@@ -264,7 +259,7 @@ class VLLMEngine(Engine):
             kwargs["max_model_len"] = opts.max_model_len
         if opts.kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gib * 2**30)
-        if is_peft(self.model):
+        if is_lora(self.model):
             rank = self.model.peft_config[self.model.active_adapter].r
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(rank), max_loras=1)
             self.stale = True
@@ -274,7 +269,7 @@ class VLLMEngine(Engine):
         """Bring vLLM's copy up to the live policy now (``generate`` does it itself after an update)."""
         if self.llm is None:
             return  # built from the live weights on the first generate
-        if is_peft(self.model):
+        if is_lora(self.model):
             self._push_adapter()
         else:
             weights = list(base_weights(self.model).items())

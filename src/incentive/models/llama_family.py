@@ -3,18 +3,13 @@ Mistral and Qwen2 causal LMs with SDPA and full attention in every layer, whose 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from transformers import PreTrainedModel
 
+from incentive.models.lora import base_model
+
 _MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 _ATTENTION_CLASSES = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
-
-
-def base_model(model: PreTrainedModel) -> Any:
-    """The transformers model under a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def is_plain_llama_family(model: PreTrainedModel) -> bool:

@@ -26,7 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from incentive.kernels.rotary import rotary
-from incentive.models.llama_family import base_model, is_plain_llama_family
+from incentive.models.llama_family import is_plain_llama_family
+from incentive.models.lora import base_model
 
 
 @dataclass(frozen=True)

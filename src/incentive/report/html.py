@@ -81,12 +81,18 @@ def _name(config: dict[str, Any], section: str) -> Any:
     return value.get("name") if isinstance(value, dict) else None
 
 
+def _reward_label(reward: dict[str, Any]) -> str:
+    """A recipe's reward entry as the report names it: its id (its metrics' key) with the reward it runs."""
+    name, key = str(reward.get("name")), reward.get("id")
+    return f"{key} ({name})" if key and key != name else name
+
+
 def _runs_section(runs: list[RunData]) -> str:
     """One row per run: its colour, folder, model, steps, rewards and where RL ended."""
     rows = []
     for i, run in enumerate(runs):
         cfg = run.config
-        rewards = ", ".join(str(r.get("name")) for r in cfg.get("rewards") or [] if isinstance(r, dict))
+        rewards = ", ".join(_reward_label(r) for r in cfg.get("rewards") or [] if isinstance(r, dict))
         last = run.rl[-1] if run.rl else {}
         cells = [
             f'<span class="swatch" style="background:{_css_colour(i)}"></span>{escape(run.label)}',

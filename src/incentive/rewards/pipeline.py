@@ -63,25 +63,25 @@ class Scored:
 
 
 class RewardPipeline:
-    """The weighted parts of a recipe; a part that raises, overruns its ``timeout_s`` or returns garbage fails
-    only its samples."""
+    """The weighted parts of a recipe, each keyed by its id (default: its name) in scores, metrics and reasons; a
+    part that raises, overruns its ``timeout_s`` or returns garbage fails only its samples."""
 
     def __init__(self, configs: list[RewardConfig]) -> None:
         if not configs:
             raise ConfigError("a recipe needs at least one reward")
         self.parts: list[tuple[str, float, Reward]] = []
         self.timeouts: dict[str, float] = {}
-        seen: set[str] = set()
-        for cfg in configs:
-            if cfg.name in seen:
-                raise ConfigError(f"reward '{cfg.name}' is listed twice")
-            seen.add(cfg.name)
+        seen: dict[str, int] = {}
+        for i, cfg in enumerate(configs):
+            if cfg.key in seen:
+                raise ConfigError(_listed_twice(configs, seen[cfg.key], i))
+            seen[cfg.key] = i
             try:
                 part = REWARDS.get(cfg.name)(**cfg.args)
             except (KeyError, TypeError, ValueError) as err:
-                raise ConfigError(f"reward '{cfg.name}': {err}") from err
-            self.parts.append((cfg.name, cfg.weight, part))
-            self.timeouts[cfg.name] = cfg.timeout_s
+                raise ConfigError(f"reward '{cfg.key}': {err}") from err
+            self.parts.append((cfg.key, cfg.weight, part))
+            self.timeouts[cfg.key] = cfg.timeout_s
 
     def __call__(self, batch: RolloutBatch, ctx: RewardContext) -> Scored:
         n = len(batch)
@@ -120,6 +120,18 @@ class RewardPipeline:
         if error is not None:
             return _failed(n, f"raised {type(error).__name__}: {error}")
         return _checked(result, n)
+
+
+def _listed_twice(configs: list[RewardConfig], first: int, second: int) -> str:
+    """Why two reward entries cannot both be used: their scores would be logged under one key."""
+    a, b = configs[first], configs[second]
+    where = f"rewards[{first}] and rewards[{second}]"
+    if a.id is None and b.id is None:
+        return (
+            f"{where} are both reward '{a.name}'; to list a reward twice, give each entry its own id "
+            f"(e.g. id: {a.name}_2), which names its metrics"
+        )
+    return f"{where} are both logged as '{a.key}'; give them different ids"
 
 
 def _failed(n: int, reason: str) -> RewardResult:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from transformers import PreTrainedModel
 
 from incentive.config import ConfigError, ModelConfig
 from incentive.models import load_model
+from incentive.models.lora import adapter_base, is_lora
 from incentive.models.lora_linear import fuse_lora
 from incentive.models.packed_body import recompute_layers
 
@@ -40,10 +40,6 @@ def build_policy(cfg: ModelConfig) -> PreTrainedModel:
     return policy
 
 
-def is_lora(model: PreTrainedModel) -> bool:
-    return hasattr(model, "peft_config")
-
-
 def trainable_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -68,10 +64,9 @@ def load_policy_weights(model: PreTrainedModel, folder: Path) -> None:
 def load_model_for_eval(name: str) -> PreTrainedModel:
     """A model to evaluate: a name/path, or a checkpoint's ``policy`` folder (full model or LoRA adapter;
     checkpoints carry their tokenizer, so ``load_tokenizer(name)`` works for them too)."""
-    adapter = Path(name) / "adapter_config.json"
-    if not adapter.exists():
+    base = adapter_base(name)
+    if base is None:
         return load_model(name).eval()
     from peft import PeftModel
 
-    base = json.loads(adapter.read_text()).get("base_model_name_or_path") or "embedded"
     return PeftModel.from_pretrained(load_model(base), name).eval()

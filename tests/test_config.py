@@ -85,6 +85,7 @@ def test_unknown_key_suggests_the_closest_field_or_lists_the_section(tmp_path):
         ("advantage: {name: dr-grpo}", "advantage.name: unknown advantage estimator 'dr-grpo'; did you mean"),
         ("template: {name: think_answer}", "template.name: unknown template 'think_answer'; did you mean"),
         ("hooks: [{name: laser-monitor}]", "hooks[0].name: unknown hook 'laser-monitor'; did you mean"),
+        ("model: {backend: refrence}", "model.backend: unknown logprob backend 'refrence'; did you mean"),
     ],
 )
 def test_registered_names_are_checked_at_load_time(tmp_path, section, message):

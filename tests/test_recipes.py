@@ -23,6 +23,8 @@ def tiny_overrides(path: Path) -> list[str]:
     ]
     if tree.get("sft", {}).get("steps"):
         sets += ["sft.steps=1", "sft.batch_size=2"]
+    if tree.get("reward_model", {}).get("steps"):
+        sets += ["reward_model.steps=2", "reward_model.batch_size=2", "reward_model.eval_every=0"]
     if tree.get("eval", {}).get("data"):
         sets += ["eval.data.size=2", "eval.max_new_tokens=4"]
     return [s for item in sets for s in ("--set", item)]
@@ -36,6 +38,9 @@ def test_recipe_runs_on_tiny_model(recipe, tmp_path, capsys, monkeypatch):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert sum('"stage": "rl"' in line for line in lines) == 2
     assert (run_dir / "checkpoints" / "latest").exists()
+    if yaml.safe_load(recipe.read_text()).get("reward_model", {}).get("steps"):
+        assert sum('"stage": "reward_model"' in line for line in lines) == 2
+        assert (run_dir / "reward_model" / "config.json").exists()
 
 
 PAIRS = [
@@ -75,7 +80,9 @@ def test_recipe_runs_on_your_own_prompt_reference_pairs(recipe, tmp_path, capsys
     monkeypatch.chdir(RECIPES_DIR.parent)
     pairs = write_jsonl(tmp_path / "my_pairs.jsonl", [{"prompt": p, "reference": r} for p, r in PAIRS])
     run_dir = tmp_path / "run"
-    code = train(recipe, run_dir, f"data.source={pairs}", *TINY)
+    tree = yaml.safe_load(recipe.read_text())
+    own_stage = ["reward_model.steps=1"] if tree.get("reward_model", {}).get("steps") else []
+    code = train(recipe, run_dir, f"data.source={pairs}", *TINY, *own_stage)
     out, err = capsys.readouterr()
     if recipe.stem in NEEDS:
         assert code == 2
@@ -83,7 +90,6 @@ def test_recipe_runs_on_your_own_prompt_reference_pairs(recipe, tmp_path, capsys
         assert not run_dir.exists()
         return
     assert code == 0, err
-    tree = yaml.safe_load(recipe.read_text())
     if tree["data"]["source"].startswith("task:"):
         assert "dropped the recipe's data.task_args" in out
     if tree.get("eval", {}).get("data"):
@@ -91,7 +97,7 @@ def test_recipe_runs_on_your_own_prompt_reference_pairs(recipe, tmp_path, capsys
     if tree.get("sft", {}).get("steps"):
         assert f"skipped the recipe's {tree['sft']['steps']} SFT steps" in out
     stages = [json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert stages == ["rl"]
+    assert stages == ["reward_model"] * len(own_stage) + ["rl"]  # a reward model trains on data of its own
 
 
 def test_box_recipe_runs_on_your_own_boxes(tmp_path, capsys):

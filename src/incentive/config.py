@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from incentive.data.config import DataConfig, follow_source_overrides, recipe_sources
+from incentive.data.preferences import Objective, PreferenceDataConfig
 from incentive.plugins import import_plugin
 from incentive.registry import UnknownName, did_you_mean
 from incentive.training.sinks import BACKENDS, check_installed
@@ -63,6 +64,18 @@ class ModelConfig(Strict):
         "backward pass: same gradients, a fraction of the activation memory, about a third more update time "
         "(for long completions; Llama, Mistral and Qwen2 models)",
     )
+    backend: str = Field(
+        "fused",
+        description="where training and scoring get their logprobs: fused (shared prompts, packed passes, the "
+        "engine's prefill, fused LM head, vocabulary gradients straight into .grad) or reference (the model's "
+        "plain forward and backward over whole rows, every gradient through autograd; slower, and no "
+        "activation checkpointing); see docs/performance.md",
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered("incentive.logprob_backends", "LOGPROB_BACKENDS", name)
 
 
 class TemplateConfig(Strict):
@@ -314,6 +327,38 @@ class SFTConfig(Strict):
     )
 
 
+class RewardModelConfig(Strict):
+    """A sequence-classification reward model, trained before any SFT or RL when ``steps`` > 0 and saved as a
+    Hugging Face folder in RUN_DIR/reward_model, which the ``reward_model`` reward part scores with."""
+
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1, description="pairs (bradley_terry) or rows (regression) per step")
+    lr: float = Field(1e-5, gt=0)
+    objective: Objective = Field(
+        "bradley_terry",
+        description="bradley_terry: -log sigmoid(r_chosen - r_rejected) on {prompt, chosen, rejected} rows; "
+        "regression: squared error to the label of {prompt, completion, label} rows",
+    )
+    data: PreferenceDataConfig | None = None
+    eval_share: float = Field(
+        0.1, ge=0, lt=1, description="share of the rows held out for the eval loss and pairwise accuracy"
+    )
+    eval_every: int = Field(0, ge=0, description="held-out eval every N steps (0: only after the last)")
+    backbone: str | None = Field(
+        None, description="the model the classifier is built on (any model.name); default: model.name"
+    )
+    lora: LoraConfig | None = None
+
+    @model_validator(mode="after")
+    def _has_data(self) -> RewardModelConfig:
+        if self.steps and self.data is None:
+            raise ValueError(
+                f"steps is {self.steps} but no data is given: a file of {{prompt, chosen, rejected}} rows "
+                "(bradley_terry) or {prompt, completion, label} rows (regression) as reward_model.data.source"
+            )
+        return self
+
+
 class ProxyConfig(Strict):
     """NOVER's proxy: a lagging EMA copy of the policy (``sync_every: 0`` keeps it frozen)."""
 
@@ -428,6 +473,7 @@ class Recipe(Plugins):
     optim: OptimConfig = OptimConfig()
     rl: RLConfig = RLConfig()
     sft: SFTConfig = SFTConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
     proxy: ProxyConfig = ProxyConfig()
     hooks: list[HookConfig] = []
     eval: EvalConfig = EvalConfig()

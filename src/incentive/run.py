@@ -1,4 +1,5 @@
-"""A run: validate the recipe, then base eval → SFT → eval → RL → eval, with checkpoints and resume."""
+"""A run: validate the recipe, then reward model → base eval → SFT → eval → RL → eval, with checkpoints and
+resume."""
 
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ from incentive.data import (
     load_examples,
     sft_pairs,
 )
+from incentive.data.preferences import load_preferences
 from incentive.engines import ENGINES, Engine, SamplingParams
 from incentive.engines.tools import ToolEngine
 from incentive.evaluation import build_verifier, evaluate, write_completions
 from incentive.hooks import HOOKS
+from incentive.logprob_backends import logprob_backend
 from incentive.losses import build_policy_loss
 from incentive.malloc import keep_freed_memory
 from incentive.models import context_length, load_tokenizer
@@ -48,6 +51,14 @@ from incentive.training.checkpoint import Checkpoints, rng_state, set_rng_state
 from incentive.training.metrics import MetricsLog
 from incentive.training.optim import build_optimizer, build_scheduler
 from incentive.training.policy import build_policy, load_policy_weights, trainable_parameters
+from incentive.training.reward_model import (
+    Encoded,
+    RewardModelTrainer,
+    build_reward_model,
+    encode_rows,
+    save_reward_model,
+    split_held_out,
+)
 from incentive.training.rl import RLParts, RLTrainer, TooManyFailures
 from incentive.training.run_lock import LOCK_NAME, RunFolderBusy, RunLock
 from incentive.training.sampler import EpochSampler
@@ -55,7 +66,7 @@ from incentive.training.sft import ObservationMaskingEncoder, SFTTrainer
 from incentive.training.signals import GracefulStop, StepDropped, StopRequested
 from incentive.training.sinks import build_sinks
 
-STAGES = ("sft", "rl")
+STAGES = ("reward_model", "sft", "rl")
 
 
 class RunError(RuntimeError):
@@ -82,8 +93,8 @@ class Run:
         self.recipe = recipe
         self.dir = run_dir
         self.resume = resume
-        if recipe.rl.steps == 0 and recipe.sft.steps == 0:
-            raise ConfigError("nothing to train: rl.steps and sft.steps are both 0")
+        if recipe.rl.steps == 0 and recipe.sft.steps == 0 and recipe.reward_model.steps == 0:
+            raise ConfigError("nothing to train: rl.steps, sft.steps and reward_model.steps are all 0")
         # Everything that can be checked without a model is checked now, before minutes of loading.
         self.rewards = RewardPipeline(recipe.rewards)
         self.estimator = _build(ADVANTAGES, "advantage", recipe.advantage.name, recipe.advantage.args)
@@ -110,6 +121,7 @@ class Run:
         )
         self.eval_verifier = build_verifier(recipe.eval.verifier)
         self.sft_targets = self._sft_targets() if recipe.sft.steps else []
+        self.reward_model_items = self._reward_model_items() if recipe.reward_model.steps else ([], [])
         self._prepare_dir(overwrite)
         self.metrics = MetricsLog(self.dir / "metrics.jsonl", build_sinks(recipe, self.dir))
         self.checkpoints = Checkpoints(self.dir / "checkpoints", recipe.run.keep_last)
@@ -190,6 +202,22 @@ class Run:
         )
         self.recipe = self.recipe.model_copy(update={"sft": cfg.model_copy(update={"steps": 0})})
         return []
+
+    def _reward_model_items(self) -> tuple[list[Encoded], list[Encoded]]:
+        """The reward-model stage's (training, held-out) rows, encoded for its backbone, so that bad data fails
+        the run now, before any model loads."""
+        cfg = self.recipe.reward_model
+        data = cfg.data
+        assert data is not None  # RewardModelConfig requires data when it has steps
+        backbone = cfg.backbone or self.recipe.model.name
+        same = backbone == self.recipe.model.name
+        self.reward_tokenizer = self.tokenizer if same else load_tokenizer(backbone)
+        loaded = load_preferences(data, cfg.objective)
+        encoded, too_long = encode_rows(loaded.rows, self.reward_tokenizer, context_length(backbone), data)
+        skipped = loaded.skipped + too_long
+        if skipped:
+            print(f"[incentive] reward_model.data: skipped {len(skipped)} bad rows, e.g. {skipped[0]}")
+        return split_held_out(encoded, cfg.eval_share, self.recipe.run.seed)
 
     def _prepare_dir(self, overwrite: bool) -> None:
         """Lock the run folder, then check it against --resume/--overwrite and write the resolved config. The lock
@@ -292,21 +320,26 @@ class Run:
             torch.set_num_threads(recipe.run.threads)
         seed_everything(recipe.run.seed)
         tokenizer = self.tokenizer
-        policy = build_policy(recipe.model)
         ckpt = self.checkpoints.latest() if self.resume else None
         state = self.checkpoints.load_state(ckpt) if ckpt else None
         if ckpt is not None:
-            load_policy_weights(policy, ckpt / "policy")
             print(f"[incentive] resuming from {ckpt.name}")
         resumed_stage = state["stage"] if state else None
 
-        self._eval("base", policy, tokenizer)
-        if recipe.sft.steps and resumed_stage != "rl":
-            self._run_sft(policy, tokenizer, state if resumed_stage == "sft" else None)
-            self._eval("sft", policy, tokenizer)
-        if recipe.rl.steps:
-            self._run_rl(policy, tokenizer, state if resumed_stage == "rl" else None)
-            self._eval("rl", policy, tokenizer)
+        if recipe.reward_model.steps and resumed_stage in (None, "reward_model"):
+            with torch.random.fork_rng():  # the policy stages draw the same numbers with or without this one
+                self._run_reward_model(ckpt if resumed_stage == "reward_model" else None, state)
+        if recipe.sft.steps or recipe.rl.steps:
+            policy = build_policy(recipe.model)
+            if ckpt is not None and resumed_stage != "reward_model":
+                load_policy_weights(policy, ckpt / "policy")
+            self._eval("base", policy, tokenizer)
+            if recipe.sft.steps and resumed_stage != "rl":
+                self._run_sft(policy, tokenizer, state if resumed_stage == "sft" else None)
+                self._eval("sft", policy, tokenizer)
+            if recipe.rl.steps:
+                self._run_rl(policy, tokenizer, state if resumed_stage == "rl" else None)
+                self._eval("rl", policy, tokenizer)
         evals = self._evals()
         summary = {k: {m: v[m] for m in ("accuracy", "format_rate", "length_mean")} for k, v in evals.items()}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -332,6 +365,7 @@ class Run:
             recipe.optim.max_grad_norm,
             ObservationMaskingEncoder(tokenizer, self.protocol) if self.tools else None,
             cfg.grad_accum,
+            logprob_backend(recipe.model.backend),
         )
         start = 0
         if state is not None:
@@ -362,6 +396,70 @@ class Run:
                 if self._due(step, cfg.steps) or stop.requested:
                     self.checkpoints.save("sft", step, policy, tokenizer, snapshot())
                 self._stop_if_asked(stop, "sft", step)
+
+    def _run_reward_model(self, ckpt: Path | None, state: dict[str, Any] | None) -> None:
+        """Train the reward model (from the checkpoint ``ckpt`` when resuming one of this stage) and save it to
+        RUN_DIR/reward_model; its records in metrics.jsonl carry the held-out eval where one ran."""
+        cfg, recipe = self.recipe.reward_model, self.recipe
+        tokenizer = self.reward_tokenizer
+        model = build_reward_model(cfg.backbone or recipe.model.name, tokenizer.pad_token_id, cfg.lora)
+        optimizer = build_optimizer(trainable_parameters(model), recipe.optim, lr=cfg.lr)
+        scheduler = build_scheduler(
+            optimizer, recipe.optim.model_copy(update={"schedule": "constant"}), cfg.steps
+        )
+        train, held_out = self.reward_model_items
+        trainer = RewardModelTrainer(
+            model,
+            tokenizer.pad_token_id,
+            cfg.objective,
+            train,
+            held_out,
+            cfg.batch_size,
+            optimizer,
+            scheduler,
+            recipe.run.seed,
+            recipe.optim.max_grad_norm,
+        )
+        start = 0
+        if ckpt is not None and state is not None:
+            load_policy_weights(model, ckpt / "reward_model")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            trainer.sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"])
+            start = state["step"]
+        self.metrics.truncate_after("reward_model", start)
+
+        def snapshot() -> dict[str, Any]:
+            return {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": trainer.sampler.state_dict(),
+            }
+
+        result: dict[str, float] = {}
+        with (
+            GracefulStop() as stop,
+            tqdm(range(start + 1, cfg.steps + 1), desc="RM", unit="step", initial=start, total=cfg.steps) as bar,
+        ):
+            for step in bar:
+                record = trainer.step(step)
+                if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                    result = trainer.evaluate()
+                    record.update(result)
+                self.metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if self._due(step, cfg.steps) or stop.requested:
+                    self.checkpoints.save("reward_model", step, model, tokenizer, snapshot(), "reward_model")
+                self._stop_if_asked(stop, "reward_model", step)
+        folder = self.dir / "reward_model"
+        save_reward_model(model, tokenizer, folder)
+        held = (
+            f"held-out pairwise accuracy {result['eval/accuracy']:.1%} ({result['eval/n']} rows); "
+            if "eval/accuracy" in result
+            else ""
+        )
+        print(f"[incentive] reward model: {held}saved to {folder} (the path of a reward_model reward)")
 
     def _stop_if_asked(self, stop: GracefulStop, stage: str, step: int) -> None:
         if stop.requested:
@@ -394,7 +492,7 @@ class Run:
             optimizer=optimizer,
             scheduler=scheduler,
             sampler=EpochSampler(self.train_examples, recipe.run.seed),
-            scorer=ModelScorer(views, recipe.rl.micro_batch_tokens),
+            scorer=ModelScorer(views, recipe.rl.micro_batch_tokens, logprob_backend(recipe.model.backend)),
             reference=reference,
         )
         trainer = RLTrainer(recipe, parts)

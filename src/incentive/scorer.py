@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 import torch
 from transformers import PreTrainedModel
 
-from incentive.logprobs import target_logprobs
+from incentive.logprob_backends import Fused, LogprobBackend
 
 ModelView = Callable[[], AbstractContextManager[PreTrainedModel]]
 
@@ -17,9 +17,12 @@ class ModelScorer:
     """Scores targets after contexts with whichever model view is named; views are context managers so a
     LoRA proxy can switch adapters on the shared base weights only for the duration of the call."""
 
-    def __init__(self, views: dict[str, ModelView], max_tokens: int = 4096) -> None:
+    def __init__(
+        self, views: dict[str, ModelView], max_tokens: int = 4096, backend: LogprobBackend | None = None
+    ) -> None:
         self.views = views
         self.max_tokens = max_tokens
+        self.backend = backend or Fused()
 
     def logprobs(
         self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], model: str = "proxy"
@@ -30,6 +33,6 @@ class ModelScorer:
             was_training = net.training
             net.eval()
             try:
-                return target_logprobs(net, contexts, targets, self.max_tokens)
+                return self.backend.score(net, contexts, targets, self.max_tokens)
             finally:
                 net.train(was_training)

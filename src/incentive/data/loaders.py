@@ -9,7 +9,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,14 +43,23 @@ def load_examples(cfg: DataConfig) -> LoadResult:
         return _collect(
             cfg, _task_rows(cfg, task), lambda number, entry: _task_example(cfg, task, number, entry)
         )
-    path = Path(cfg.source)
+    rows = file_rows(cfg.source, str(cfg.file_format), (cfg.prompt_field, cfg.reference_field))
+    stem = Path(cfg.source).stem
+    return _collect(cfg, rows, lambda number, row: _file_example(cfg, stem, number, row))
+
+
+def file_rows(source: str, file_format: str, required: Sequence[str]) -> NumberedRows:
+    """The numbered rows of a jsonl, csv or parquet file (a row that cannot be read comes as its DataError);
+    a missing file, or a tabular file without a ``required`` column, fails at once."""
+    path = Path(source)
     if not path.exists():
-        raise DataError(cfg.source, None, None, "file not found")
+        raise DataError(source, None, None, "file not found")
     if not path.is_file():
-        raise DataError(cfg.source, None, None, "not a regular file")
-    readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}
-    rows = readers[str(cfg.file_format)](cfg, path)
-    return _collect(cfg, rows, lambda number, row: _file_example(cfg, path.stem, number, row))
+        raise DataError(source, None, None, "not a regular file")
+    if file_format == "jsonl":
+        return _jsonl_rows(source, path)
+    reader = _csv_rows if file_format == "csv" else _parquet_rows
+    return reader(source, path, required)
 
 
 def _collect(cfg: DataConfig, rows: NumberedRows, to_example: Callable[[int, Row], Example]) -> LoadResult:
@@ -93,9 +102,8 @@ def _check_text_file(source: str, path: Path) -> None:
             )
 
 
-def _jsonl_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | DataError]]:
+def _jsonl_rows(source: str, path: Path) -> Iterator[tuple[int, Row | DataError]]:
     """One JSON object per line, streamed; the row number is the 1-based line number (blank lines are skipped)."""
-    source = cfg.source
     _check_text_file(source, path)
     offset = 0
     with path.open("rb") as f:
@@ -126,9 +134,8 @@ def _jsonl_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | DataEr
             yield number, row
 
 
-def _csv_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | DataError]]:
+def _csv_rows(source: str, path: Path, required: Sequence[str]) -> Iterator[tuple[int, Row | DataError]]:
     """A header row then data rows; the row number is the 1-based data row (the header is not counted)."""
-    source = cfg.source
     _check_text_file(source, path)
     number = 0
     with (
@@ -142,7 +149,7 @@ def _csv_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | DataErro
                 return
             if any(_UNDECODABLE.search(column) for column in header):
                 raise DataError(source, None, None, "the header has invalid UTF-8 bytes")
-            _check_columns(cfg, header)
+            _check_columns(source, header, required)
             for number, values in enumerate(reader, start=1):
                 if not values:
                     continue
@@ -157,7 +164,7 @@ def _csv_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | DataErro
             raise DataError(source, number + 1, None, f"unreadable CSV: {e}") from e
 
 
-def _parquet_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | DataError]]:
+def _parquet_rows(source: str, path: Path, required: Sequence[str]) -> Iterator[tuple[int, Row | DataError]]:
     """Rows of a Parquet file, streamed batch by batch; the row number is the 1-based row index."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -165,26 +172,24 @@ def _parquet_rows(cfg: DataConfig, path: Path) -> Iterator[tuple[int, Row | Data
     number = 0
     try:
         parquet = pq.ParquetFile(path)
-        _check_columns(cfg, parquet.schema_arrow.names)
+        _check_columns(source, parquet.schema_arrow.names, required)
         for batch in parquet.iter_batches():
             for row in batch.to_pylist():
                 number += 1
                 yield number, row
     except pa.ArrowException as e:
         at = None if number == 0 else number + 1
-        raise DataError(cfg.source, at, None, f"not a readable Parquet file: {e}") from e
+        raise DataError(source, at, None, f"not a readable Parquet file: {e}") from e
 
 
-def _check_columns(cfg: DataConfig, columns: list[str]) -> None:
+def _check_columns(source: str, columns: list[str], required: Sequence[str]) -> None:
     """Header-level checks for tabular files: one error up front rather than the same error on every row."""
     for column in columns:
         if columns.count(column) > 1:
-            raise DataError(cfg.source, None, column, "the column appears more than once in the header")
-    for required in (cfg.prompt_field, cfg.reference_field):
-        if required not in columns:
-            raise DataError(
-                cfg.source, None, required, f"no such column; the columns are: {', '.join(columns)}"
-            )
+            raise DataError(source, None, column, "the column appears more than once in the header")
+    for name in required:
+        if name not in columns:
+            raise DataError(source, None, name, f"no such column; the columns are: {', '.join(columns)}")
 
 
 def _file_example(cfg: DataConfig, stem: str, number: int, row: Row) -> Example:
@@ -226,7 +231,7 @@ def _file_example(cfg: DataConfig, stem: str, number: int, row: Row) -> Example:
 
     difficulty = _blank_to_none(row.get(cfg.difficulty_field))
     if difficulty is not None:
-        difficulty = _number(difficulty)
+        difficulty = finite_number(difficulty)
         if difficulty is None:
             raise fail(cfg.difficulty_field, f"must be a number, got {row[cfg.difficulty_field]!r}")
 
@@ -247,7 +252,7 @@ def _blank_to_none(value: Any) -> Any:
     return None if isinstance(value, str) and not value.strip() else value
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A finite float from a number or numeric text (CSV cells are text); None if it is neither."""
     if isinstance(value, bool):
         return None

@@ -8,6 +8,7 @@ from incentive.rewards import laser as _laser  # noqa: F401
 from incentive.rewards import nover as _nover  # noqa: F401
 from incentive.rewards import overlong as _overlong  # noqa: F401
 from incentive.rewards import ppe as _ppe  # noqa: F401
+from incentive.rewards import reward_model as _reward_model  # noqa: F401
 from incentive.rewards import similarity as _similarity  # noqa: F401
 from incentive.rewards import temporal as _temporal  # noqa: F401
 from incentive.rewards import tinyv as _tinyv  # noqa: F401

@@ -369,7 +369,6 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 # -- the reward ------------------------------------------------------------------------------------------------
 
 
-@REWARDS.register("verifier")
 class AnswerReward(Reward):
     """A reward that judges each completion's final answer (the answer block, its ``\\boxed{}`` if it holds one,
     else the last ``\\boxed{}``) on its own, without a model call (:meth:`verify`): so it can also judge logged
@@ -392,6 +391,7 @@ class AnswerReward(Reward):
         return RewardResult([v.score for v in verdicts], [v.reason for v in verdicts], self.extras(verdicts))
 
 
+@REWARDS.register("verifier")
 class RuleVerifier(AnswerReward):
     """1 for a correct final answer, 0 otherwise (reasoning-gym tasks may give partial credit); a missing answer,
     a parse failure, a checker error or a timeout is a 0 with a reason.

@@ -1,1 +1,1 @@
-"""Training stages (SFT, RL) and what they share: sampling, optimisers, checkpoints, metrics."""
+"""Training stages (reward model, SFT, RL) and what they share: sampling, optimisers, checkpoints, metrics."""

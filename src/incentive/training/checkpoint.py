@@ -45,8 +45,10 @@ class Checkpoints:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         trainer_state: dict[str, Any],
+        folder: str = "policy",
     ) -> Path:
-        """Write ``policy/`` (weights or adapter + tokenizer, loadable by ``incentive eval``) and ``trainer.pt``."""
+        """Write ``policy/`` (weights or adapter + tokenizer, loadable by ``incentive eval``; ``folder`` names it
+        for a model that is not the policy) and ``trainer.pt``."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"{stage}-{step:06d}"
         final = self.root / name
@@ -54,8 +56,8 @@ class Checkpoints:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        model.save_pretrained(tmp / "policy")
-        tokenizer.save_pretrained(tmp / "policy")
+        model.save_pretrained(tmp / folder)
+        tokenizer.save_pretrained(tmp / folder)
         torch.save({**trainer_state, "stage": stage, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
         if final.exists():
             shutil.rmtree(final)

@@ -19,7 +19,8 @@ from incentive.config import Recipe
 from incentive.data.example import Example
 from incentive.engines import Engine, SamplingParams
 from incentive.evaluation import build_verifier, lenient_answer
-from incentive.logprobs import backward_target_logprobs, plan_batches, target_logprobs
+from incentive.logprob_backends import logprob_backend
+from incentive.logprobs import plan_batches
 from incentive.losses import PolicyLoss, Totals
 from incentive.rewards.base import RewardContext, Scorer
 from incentive.rewards.pipeline import RewardPipeline, Scored
@@ -74,6 +75,8 @@ class RLTrainer:
             gen.num_generations, gen.max_new_tokens, gen.temperature, gen.top_p, gen.min_new_tokens
         )
         self.group_counter = 0
+        self.backend = logprob_backend(recipe.model.backend)
+        """Logprobs of the update and of its old and reference policies (``model.backend``)."""
         self.verifier = sample_judge(recipe.eval.verifier)
         """Judges the logged completions after the fact, whatever the rewards are."""
         self.state: dict[str, Any] = {}
@@ -211,7 +214,7 @@ class RLTrainer:
         for _ in range(rl.num_iterations):
             total_loss = 0.0
             for chunk in plan_batches(contexts, targets, rl.micro_batch_tokens):
-                total_loss += backward_target_logprobs(
+                total_loss += self.backend.backward(
                     p.policy, contexts, targets, chunk, loss_of, self.params.temperature, p.engine.prefilled
                 )
             losses.append(total_loss)
@@ -248,7 +251,7 @@ class RLTrainer:
 
     @torch.no_grad()
     def _old_logprobs(self, contexts: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
-        lps = target_logprobs(
+        lps = self.backend.score(
             self.p.policy, contexts, targets, self.recipe.rl.micro_batch_tokens, self.params.temperature
         )
         return [lp.tolist() for lp in lps]
@@ -258,7 +261,7 @@ class RLTrainer:
         if self.p.reference is None:
             raise RuntimeError("KL penalty configured but no reference model was built")
         with self.p.reference() as ref:
-            lps = target_logprobs(
+            lps = self.backend.score(
                 ref, contexts, targets, self.recipe.rl.micro_batch_tokens, self.params.temperature
             )
         return [lp.tolist() for lp in lps]

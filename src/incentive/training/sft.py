@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from incentive.logprobs import backward_target_logprobs, plan_batches
+from incentive.logprob_backends import Fused, LogprobBackend
+from incentive.logprobs import plan_batches
 from incentive.tools import CallProtocol
 from incentive.training.sampler import EpochSampler
 
@@ -63,8 +64,10 @@ class SFTTrainer:
         max_grad_norm: float | None,
         encoder: TargetEncoder | None = None,
         grad_accum: int = 1,
+        backend: LogprobBackend | None = None,
     ) -> None:
         self.policy = policy
+        self.backend = backend or Fused()
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.batch_size = batch_size
@@ -96,7 +99,7 @@ class SFTTrainer:
             part = slice(first, first + self.batch_size)
             for chunk in plan_batches(contexts[part], targets[part], self.micro_batch_tokens):
                 rows = [first + i for i in chunk]
-                total += backward_target_logprobs(self.policy, contexts, targets, rows, loss_of)
+                total += self.backend.backward(self.policy, contexts, targets, rows, loss_of)
         params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
         if torch.isfinite(norm):

@@ -280,3 +280,16 @@ def test_run_evals_state_intervals_and_save_completions(tmp_path, capsys, monkey
     assert [len(r["completions"]) for r in _read_lines(base)] == [1, 1, 1]
     assert main(["compare", str(base), str(sft), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["prompts"] == 3
+
+
+def test_run_compares_rl_with_the_stage_it_started_from(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    settings = ["model.name=tiny-random", "sft.steps=1", "sft.batch_size=2", "rl.steps=1", "data.size=8"]
+    settings += ["eval.data.size=3", "eval.max_new_tokens=4", "generation.max_new_tokens=4"]
+    args = ["train", "recipes/demo.yaml", "--run-dir", str(tmp_path / "run")]
+    assert main([*args, *(x for s in settings for x in ("--set", s))]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "comparison.json").read_text())
+    assert (saved["a_stage"], saved["b_stage"], saved["prompts"]) == ("sft", "rl", 3)
+    assert saved["a"].endswith("sft.completions.jsonl") and saved["b"].endswith("rl.completions.jsonl")
+    assert "RL - SFT on the same 3 prompts:" in out and f"p = {saved['p_value']:.3g}" in out

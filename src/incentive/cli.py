@@ -9,7 +9,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -97,8 +97,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"  {stage:>10}: accuracy {values['accuracy']:6.1%}   format {values['format_rate']:6.1%}   "
                 f"mean length {values['length_mean']:5.1f}"
             )
+    if run.comparison:
+        print("\n".join(stage_comparison_lines(run.comparison)))
     print(f"[incentive] metrics: {run_dir / 'metrics.jsonl'}")
     return 0
+
+
+def stage_comparison_lines(result: dict[str, Any]) -> list[str]:
+    """RL against the stage it started from, in two lines: the paired difference, its interval and its test."""
+    low, high = result["ci"]
+    verdict = "significant at 5 %" if result["significant"] else "not significant at 5 % (within noise)"
+    return [
+        f"\n{result['b_stage'].upper()} - {result['a_stage'].upper()} on the same {result['prompts']} prompts: "
+        f"{result['diff'] * 100:+.1f} points, 95% CI {low * 100:+.1f} to {high * 100:+.1f} ({result['ci_method']})",
+        f"  {result['test']}: RL better on {result['b_better']} prompts, worse on {result['a_better']}, "
+        f"p = {result['p_value']:.3g}: {verdict}",
+    ]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

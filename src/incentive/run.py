@@ -34,7 +34,7 @@ from incentive.data import (
 from incentive.data.preferences import load_preferences
 from incentive.engines import ENGINES, Engine, SamplingParams
 from incentive.engines.tools import ToolEngine
-from incentive.evaluation import build_verifier, evaluate, write_completions
+from incentive.evaluation import build_verifier, compare, evaluate, write_completions
 from incentive.hooks import HOOKS
 from incentive.logprob_backends import logprob_backend
 from incentive.losses import build_policy_loss
@@ -125,6 +125,8 @@ class Run:
         self._prepare_dir(overwrite)
         self.metrics = MetricsLog(self.dir / "metrics.jsonl", build_sinks(recipe, self.dir))
         self.checkpoints = Checkpoints(self.dir / "checkpoints", recipe.run.keep_last)
+        self.comparison: dict[str, Any] | None = None
+        """RL's eval against the stage before it, paired over the same prompts, once the run has ended."""
 
     def _build_tools(self) -> dict[str, Tool]:
         cfg = self.recipe.tools
@@ -343,8 +345,24 @@ class Run:
         evals = self._evals()
         summary = {k: {m: v[m] for m in ("accuracy", "format_rate", "length_mean")} for k, v in evals.items()}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.comparison = self._compare_stages(evals)
         self.metrics.close()
         return summary
+
+    def _compare_stages(self, evals: dict[str, Any]) -> dict[str, Any] | None:
+        """RL's held-out eval against the stage it started from (SFT, else the base model), paired over the same
+        prompts; written to comparison.json. None without an RL eval."""
+        if "rl" not in evals:
+            return None
+        before = "sft" if "sft" in evals else "base" if "base" in evals else None
+        if before is None:
+            return None
+        result = compare(
+            self.dir / evals[before]["completions_file"], self.dir / evals["rl"]["completions_file"]
+        )
+        result.update(a_stage=before, b_stage="rl")
+        (self.dir / "comparison.json").write_text(json.dumps(result, indent=2))
+        return result
 
     def _run_sft(self, policy: PreTrainedModel, tokenizer: Any, state: dict[str, Any] | None) -> None:
         cfg, recipe = self.recipe.sft, self.recipe
@@ -440,7 +458,9 @@ class Run:
         result: dict[str, float] = {}
         with (
             GracefulStop() as stop,
-            tqdm(range(start + 1, cfg.steps + 1), desc="RM", unit="step", initial=start, total=cfg.steps) as bar,
+            tqdm(
+                range(start + 1, cfg.steps + 1), desc="RM", unit="step", initial=start, total=cfg.steps
+            ) as bar,
         ):
             for step in bar:
                 record = trainer.step(step)

@@ -25,6 +25,11 @@ class Completion:
     """Per completion token, 1 where the policy wrote it and 0 where a tool did (None: all the policy's)."""
     info: dict[str, Any] = field(default_factory=dict)
     """What the rollout learned on the way, e.g. ``tool_calls`` and ``final_tool_error`` of a tool episode."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """What the rollout strategy says about this sample (e.g. ``mode``, ``template``): rewards, estimators, metrics
+    and the report may read them."""
+    step_rewards: dict[int, float] = field(default_factory=dict)
+    """Rewards given during the rollout (e.g. by an environment), keyed by the completion token they land on."""
 
     @property
     def length(self) -> int:

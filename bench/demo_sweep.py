@@ -7,7 +7,7 @@
 One SFT cold start per seed (``recipes/demo.yaml`` with ``rl.steps=0``); every arm then runs RL from that
 checkpoint with its own overrides and is scored greedily by the rule verifier (which no NOVER arm trains on) on
 the same held-out chain_sum prompts as the SFT checkpoint. Per arm: accuracy with its 95 % interval, the paired
-difference RL − SFT over the same prompts (interval and exact McNemar p-value), the share of prompts whose greedy
+difference RL − SFT over the same prompts (the arm's own comparison.json: interval and exact McNemar p-value), the share of prompts whose greedy
 answer changed, RL seconds (rollout + reward + update; evals not counted) and seconds per step. Writes
 summary.json and table.md under --out (default bench/results/demo_sweep).
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from progress import Progress
 
-from incentive.evaluation import compare, read_completions
+from incentive.evaluation import read_completions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,16 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "nover-lr2e-5-nokl": (
         "demo.yaml",
         ["optim.lr=2e-5", "generation.prompts_per_step=8", "generation.num_generations=8", "loss.kl_beta=0"],
+    ),
+    "nover-lr2e-5-nokl-t1": (
+        "demo.yaml",
+        [
+            "optim.lr=2e-5",
+            "generation.prompts_per_step=8",
+            "generation.num_generations=8",
+            "loss.kl_beta=0",
+            "generation.temperature=1.0",
+        ],
     ),
     "grpo-lr1e-5": (
         "grpo-chain-sum.yaml",
@@ -87,23 +97,24 @@ def changed_answers(a: Path, b: Path) -> float:
     return differ / len(rows_b)
 
 
-def arm_result(sft_dir: Path, run_dir: Path) -> dict:
-    """Accuracy, interval, paired difference against the SFT checkpoint, and time of one finished arm."""
+def arm_result(run_dir: Path) -> dict:
+    """Accuracy, interval, paired difference against the SFT checkpoint (the arm's base eval) and time of one
+    finished arm."""
     evals = json.loads((run_dir / "evals.json").read_text())
     rl = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rl = [m for m in rl if m.get("stage") == "rl" and "step" in m and "time/train_s" in m]
-    sft_lines = sft_dir / "evals" / "sft.completions.jsonl"
-    rl_lines = run_dir / "evals" / "rl.completions.jsonl"
-    paired = compare(sft_lines, rl_lines)
+    rl = [m for m in rl if m.get("stage") == "rl" and "time/train_s" in m]
+    paired = json.loads((run_dir / "comparison.json").read_text())
     seconds = sum(m["time/generate_s"] + m["time/reward_s"] + m["time/train_s"] for m in rl)
     return {
         "accuracy": evals["rl"]["accuracy"],
         "accuracy_ci": evals["rl"]["accuracy_ci"],
+        "sft_accuracy": evals["base"]["accuracy"],
         "paired": paired,
-        "changed_answers": changed_answers(sft_lines, rl_lines),
+        "changed_answers": changed_answers(run_dir / "evals" / "base.completions.jsonl", Path(paired["b"])),
         "rl_seconds": seconds,
         "steps": len(rl),
         "seconds_per_step": seconds / max(len(rl), 1),
+        "time_split_s": {k: sum(m[f"time/{k}_s"] for m in rl) for k in ("generate", "reward", "train")},
         "reward_first_last": [rl[0]["reward/mean"], rl[-1]["reward/mean"]] if rl else None,
     }
 
@@ -165,7 +176,7 @@ def main() -> None:
                 run_dir,
                 [*common, f"model.name={sft_policy}", "sft.steps=0", f"rl.steps={args.steps}", *sets],
             )
-            run["arms"][arm] = arm_result(sft_dir, run_dir)
+            run["arms"][arm] = arm_result(run_dir)
             summary_path.write_text(json.dumps(results, indent=2))
             (args.out / "table.md").write_text(table(results))
             print(table(results), flush=True)

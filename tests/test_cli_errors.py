@@ -120,7 +120,10 @@ def test_bad_value_in_the_file_names_the_file_not_a_set(recipe: Path, tmp_path: 
     )
 
 
-@pytest.mark.parametrize("estimator", ADVANTAGES.names())
+GROUP_ESTIMATORS = [name for name in ADVANTAGES.names() if ADVANTAGES.get(name).min_group_size > 1]
+
+
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
 def test_one_generation_per_prompt_with_a_group_estimator(
     estimator: str, recipe: Path, tmp_path: Path, capsys
 ) -> None:

@@ -1,8 +1,10 @@
-"""Advantage estimators by name: scores of a batch + explicit group ids (+ the examples, for estimators that
-weigh by domain or difficulty) → one advantage per completion.
+"""Advantage estimators by name: a step's training batch → advantages, one per completion (sequence-level, broadcast
+over its tokens by the batch) or one per token (token-level).
 
-Failed samples (non-finite score) take no part in their group's statistics and get advantage 0; the trainer
-also masks them out of the loss.
+Sequence-level estimators compare the scores of explicit groups (+ the examples, for estimators that weigh by domain
+or difficulty). Failed samples (non-finite score) take no part in their group's statistics and get advantage 0;
+the trainer also masks them out of the loss. An estimator declares in ``needs`` what beyond scores it reads
+(values, reference logprobs, step rewards), and the trainer supplies exactly that.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -20,20 +22,52 @@ from incentive.data.example import Example
 from incentive.registry import Registry
 from incentive.rollout.types import group_indices
 
+if TYPE_CHECKING:
+    from incentive.training.batch import TrainingBatch
 
-class AdvantageEstimator(ABC):
-    """Group-relative advantage: subclasses say how one group's valid scores become advantages."""
+NEEDS = frozenset({"values", "reference_logprobs", "step_rewards"})
+"""What an estimator may ask the trainer for: the critic's per-token values, the reference policy's logprobs of
+every trained completion, and the rollout's step rewards."""
+
+
+class Estimator(ABC):
+    """Any advantage estimator: the training batch → advantages, [B] (one per completion) or [B, T] (per token).
+    One that reads ``values`` also writes ``batch.returns``, the critic's targets."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """The batch fields beyond scores, groups and examples that :meth:`estimate` reads (a subset of NEEDS)."""
+
+    min_group_size: ClassVar[int] = 1
+    """Completions per prompt (generation.num_generations) below which every advantage would be 0."""
 
     scale_invariant: ClassVar[bool] = False
     """True when multiplying a group's scores by a constant leaves its advantages unchanged (std normalisation)."""
 
-    min_group_size: ClassVar[int] = 2
-    """Completions per prompt (generation.num_generations) below which every advantage is 0: a group-relative
-    estimator compares each completion with the others of its group, and a lone one has none."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.needs <= NEEDS:
+            raise TypeError(
+                f"{cls.__name__}.needs: {sorted(cls.needs - NEEDS)} unknown; known: {sorted(NEEDS)}"
+            )
 
     def fit(self, examples: Sequence[Example]) -> None:
         """See the training set once before RL (e.g. to count domain shares); most estimators need nothing."""
         return None
+
+    @abstractmethod
+    def estimate(self, batch: TrainingBatch) -> torch.Tensor:
+        """Advantages of the batch: [B], or [B, T] on its policy-written tokens (0 elsewhere)."""
+
+
+class AdvantageEstimator(Estimator):
+    """Sequence-level, group-relative advantage: subclasses say how one group's valid scores become advantages."""
+
+    min_group_size: ClassVar[int] = 2
+    """A group-relative estimator compares each completion with the others of its group, and a lone one has none:
+    with fewer completions per prompt every advantage is 0."""
+
+    def estimate(self, batch: TrainingBatch) -> torch.Tensor:
+        return self(batch.scores, batch.group_ids, batch.examples)
 
     def __call__(
         self, scores: torch.Tensor, group_ids: Sequence[int], examples: Sequence[Example] | None = None
@@ -63,7 +97,7 @@ class AdvantageEstimator(ABC):
         """Advantages of one group's valid scores."""
 
 
-ADVANTAGES: Registry[type[AdvantageEstimator]] = Registry("advantage estimator")
+ADVANTAGES: Registry[type[Estimator]] = Registry("advantage estimator")
 
 
 @ADVANTAGES.register("grpo")
@@ -107,6 +141,11 @@ class WeightedEstimator(AdvantageEstimator):
 
     def __init__(self, base: str) -> None:
         cls = ADVANTAGES.get(base)
+        if not issubclass(cls, AdvantageEstimator):
+            raise ConfigError(
+                f"advantage '{self.name}' cannot use base '{base}': it weighs the scores of a group, so its base "
+                "must be a group-relative estimator (dr_grpo, the default, or rloo)"
+            )
         if cls.scale_invariant:
             raise ConfigError(
                 f"advantage '{self.name}' cannot use base '{base}': its std normalisation divides each group by "
@@ -199,3 +238,80 @@ class DifficultyWeighted(WeightedEstimator):
         if any(w < 0 for w in weights):
             raise ValueError(f"difficulty weights must be ≥ 0, got {weights}")
         return self.base.group_of(scores, examples) * torch.tensor(weights, dtype=scores.dtype)
+
+
+def token_rewards(batch: TrainingBatch) -> torch.Tensor:
+    """[B, T] float64 rewards per token of the trained rows: the completion's score on its last policy-written
+    token, plus its step rewards. Masked (tool, environment) tokens get none: a step reward keyed to one goes to
+    the last policy-written token before it (the action it answers), or the first after it where none is before."""
+    out = torch.zeros(batch.mask.shape, dtype=torch.float64)
+    steps = batch.step_rewards or [{} for _ in range(len(batch))]
+    for i in batch.trained_rows:
+        policy = batch.mask[i].nonzero().flatten().tolist()
+        if not policy:
+            continue
+        out[i, policy[-1]] += float(batch.scores[i])
+        for token, reward in steps[i].items():
+            if not 0 <= token < len(batch.targets[i]):
+                raise ValueError(
+                    f"a step reward lands on token {token} of a completion of {len(batch.targets[i])} tokens"
+                )
+            before = [t for t in policy if t <= token]
+            out[i, before[-1] if before else policy[0]] += reward
+    return out
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's tokens where ``mask`` is 1, in float64: from the last one
+    back, δ_k = r_k + γ·V_{k+1} − V_k and A_k = δ_k + γλ·A_{k+1}, with V = 0 past the last token; returns
+    R_k = A_k + V_k. Tokens where ``mask`` is 0 are skipped, not stepped through: the recursion runs over the
+    policy's tokens only, so the value bootstraps across a masked observation span (γ counts the policy's
+    tokens). Skipped tokens get advantage and return 0. Returns (advantages, returns), both [B, T]."""
+    adv = torch.zeros(rewards.shape, dtype=torch.float64)
+    ret = torch.zeros(rewards.shape, dtype=torch.float64)
+    r, v = rewards.double().tolist(), values.double().tolist()
+    for i in range(rewards.shape[0]):
+        running = next_value = 0.0
+        for t in reversed(mask[i].nonzero().flatten().tolist()):
+            running = r[i][t] + gamma * next_value - v[i][t] + gamma * lam * running
+            adv[i, t] = running
+            ret[i, t] = running + v[i][t]
+            next_value = v[i][t]
+    return adv, ret
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / sqrt(var + eps) over the tokens where ``mask`` is 1 (population variance); 0 elsewhere."""
+    n = mask.sum()
+    if n < 2:
+        return values * mask
+    mean = (values * mask).sum() / n
+    var = (((values - mean) * mask) ** 2).sum() / n
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+@ADVANTAGES.register("gae")
+class GAE(Estimator):
+    """PPO's token-level advantage with a critic: per-token rewards (the score on the last policy-written token,
+    step rewards where the rollout gave them; see :func:`token_rewards`), GAE(γ, λ) over the policy-written tokens
+    with the critic's values (masked observation spans are skipped, see :func:`gae`), and, with ``whiten``, the
+    advantages normalised over all the batch's policy tokens. The returns become the critic's targets."""
+
+    needs = frozenset({"values", "step_rewards"})
+
+    def __init__(self, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True) -> None:
+        if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+            raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
+        self.gamma = gamma
+        self.lam = lam
+        self.whiten = whiten
+
+    def estimate(self, batch: TrainingBatch) -> torch.Tensor:
+        if batch.values is None:
+            raise ValueError("advantage 'gae' needs the critic's values (a recipe's critic section)")
+        mask = batch.trained_mask.double()
+        adv, returns = gae(token_rewards(batch), batch.values, mask, self.gamma, self.lam)
+        batch.returns = returns.float()
+        return (masked_whiten(adv, mask) if self.whiten else adv).float()

@@ -274,6 +274,45 @@ class LossConfig(Strict):
         return self
 
 
+class CriticConfig(Strict):
+    """PPO's value model, for estimators that read values (advantage ``gae``): V(s_t) before each completion
+    token, a scalar head on a last hidden state. It has its own AdamW (optim's betas and weight decay, its own
+    lr) and schedule (optim's warmup and shape), trains on the clipped value loss, and is saved in checkpoints;
+    see docs/ppo.md."""
+
+    model: Literal["policy_head", "separate"] = Field(
+        "policy_head",
+        description="policy_head: a linear head on the policy's last hidden state (detached: the value loss "
+        "trains the head only, and costs one gradient-free forward pass); separate: a model of its own, "
+        "backbone and head trained together",
+    )
+    name: str | None = Field(
+        None, description="separate: the backbone (any model.name) with its own weights; default: model.name"
+    )
+    lora: LoraConfig | None = Field(
+        None, description="separate: LoRA adapters on the backbone (and the head) train"
+    )
+    lr: float | None = Field(
+        None, gt=0, description="default: 1e-3 for policy_head (a linear probe), 1e-5 for separate"
+    )
+    value_clip: float | None = Field(
+        0.2, gt=0, description="the loss clips V to V_old ± value_clip (PPO); null: plain ½(V − R)²"
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="the critic's own gradient clipping")
+
+    @model_validator(mode="after")
+    def _separate_keys(self) -> CriticConfig:
+        if self.model == "policy_head":
+            for key in ("name", "lora"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is for model: separate; a policy_head is a head on the policy")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or (1e-3 if self.model == "policy_head" else 1e-5)
+
+
 class OptimConfig(Strict):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = 0.0
@@ -405,13 +444,53 @@ class ToolConfig(Strict):
 
 class ToolsConfig(Strict):
     """Multi-turn rollouts: a ``</tool_call>`` ends a turn, the tool runs, its output (masked from the loss)
-    joins the context and generation goes on; ``generation.max_new_tokens`` bounds what the policy writes."""
+    joins the context and generation goes on; ``generation.max_new_tokens`` bounds what the policy writes. The
+    section is the built-in ``tools`` environment's (docs/rollouts.md)."""
 
     tools: list[ToolConfig] = Field(min_length=1)
     max_calls: int = Field(4, ge=1, description="calls that execute; one more ends the episode")
     max_observation_tokens: int = Field(256, ge=1, description="a longer tool output is cut")
     call_tag: str = "tool_call"
     response_tag: str = "tool_response"
+
+
+class RolloutConfig(Strict):
+    """How each example's group is sampled: a strategy from incentive.rollout.ROLLOUT_STRATEGIES (see
+    docs/rollouts.md) with its constructor arguments."""
+
+    name: str = Field(
+        "plain",
+        description="plain: G samples of the template's prompt; prefixes: the group split among forced assistant "
+        "prefixes (modes) by share, each labelled; or a strategy a plugin registers",
+    )
+    args: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered("incentive.rollout", "ROLLOUT_STRATEGIES", name)
+
+
+class EnvironmentConfig(Strict):
+    """Multi-turn episodes on an environment from incentive.rollout.ENVIRONMENTS (see docs/rollouts.md): its
+    observations join the context, masked from the loss; ``generation.max_new_tokens`` bounds what the policy
+    writes per episode."""
+
+    name: str
+    args: dict[str, Any] = {}
+    max_turns: int | None = Field(None, ge=1, description="policy turns per episode at most (default: no limit)")
+    max_turn_tokens: int | None = Field(
+        None, ge=1, description="tokens per policy turn at most; the environment sees the cut turn (default: none)"
+    )
+    max_context_tokens: int | None = Field(
+        None, ge=16, description="an observation that would take the sequence this long ends the episode instead "
+        "(default: the model's context length)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return registered("incentive.rollout", "ENVIRONMENTS", name)
 
 
 class RunConfig(Strict):
@@ -449,8 +528,9 @@ class Plugins(Strict):
 
     imports: list[Annotated[str, AfterValidator(_imported)]] = Field(
         default_factory=list,
-        description="modules that register parts (rewards, estimators, losses, hooks, templates, engines) with the "
-        "package's decorators: .py files (relative to the recipe's folder) or dotted module names",
+        description="modules that register parts (rewards, estimators, losses, hooks, templates, engines, rollout "
+        "strategies, environments) with the package's decorators: .py files (relative to the recipe's folder) or "
+        "dotted module names",
     )
 
 
@@ -465,11 +545,14 @@ class Recipe(Plugins):
     template: TemplateConfig = TemplateConfig()
     generation: GenerationConfig = GenerationConfig()
     tools: ToolsConfig | None = None
+    rollout: RolloutConfig = RolloutConfig()
+    environment: EnvironmentConfig | None = None
     rewards: list[RewardConfig] = Field(
         default_factory=lambda: [RewardConfig(name="format"), RewardConfig(name="verifier")]
     )
     advantage: AdvantageConfig = AdvantageConfig()
     loss: LossConfig = LossConfig()
+    critic: CriticConfig | None = None
     optim: OptimConfig = OptimConfig()
     rl: RLConfig = RLConfig()
     sft: SFTConfig = SFTConfig()
@@ -484,6 +567,10 @@ class Recipe(Plugins):
     def _consistent(self) -> Recipe:
         if self.loss.kl_reference == "proxy" and not self.proxy.enabled:
             raise ValueError("loss.kl_reference is 'proxy' but proxy.enabled is false")
+        if self.tools is not None and self.environment is not None:
+            raise ValueError(
+                "tools and environment are both set; tools is the tool environment's section, so set one of them"
+            )
         return self
 
 

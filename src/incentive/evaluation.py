@@ -16,7 +16,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.data.example import Example
-from incentive.engines import Engine, HFEngine, SamplingParams
+from incentive.engines import CachedEngine, Engine, SamplingParams
 from incentive.rewards.base import REWARDS, Reward, RewardContext, RewardResult
 from incentive.rewards.verifier import RuleVerifier, extract_answer
 from incentive.rewards.wordings import AcceptedWordings
@@ -130,8 +130,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate ``params.n`` samples per example and judge them (rule verifier by default), strictly and regardless
     of format; see :func:`summarize_eval`. ``progress`` shows a bar (stderr) over the prompts with an ETA, then
-    while the verifier judges; ``engine`` (default HF generate) is how completions are sampled, e.g. with tools."""
-    engine = engine or HFEngine(model, tokenizer, batch_size=batch_size)
+    while the verifier judges; ``engine`` (default: the cached engine, whose greedy output equals HF ``generate``)
+    is how completions are sampled, e.g. a run's own engine with its tools."""
+    engine = engine or CachedEngine(model, tokenizer, batch_size=batch_size)
     per_call = max(1, batch_size // params.n)
     completions: list[Completion] = []
     verifier = verifier or RuleVerifier()

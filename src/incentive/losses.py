@@ -138,7 +138,9 @@ def per_token(advantages: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     if adv.dim() == 1:
         adv = adv[:, None].expand_as(logp)
     if adv.shape != logp.shape:
-        raise ValueError(f"advantages of shape {tuple(advantages.shape)} fit no logprobs of {tuple(logp.shape)}")
+        raise ValueError(
+            f"advantages of shape {tuple(advantages.shape)} fit no logprobs of {tuple(logp.shape)}"
+        )
     return adv
 
 
@@ -146,6 +148,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of ``values`` over the tokens ``mask`` keeps, for stats."""
     with torch.no_grad():
         return float((values * mask).sum() / mask.sum().clamp(min=1))
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's value loss per token, ½·max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²): the critic may not gain
+    by moving a value more than ε from the one the advantages used. Returns the loss and, as 0/1, where the
+    clipped term is the larger (the clip fraction's numerator); with ``clip`` None, ½(V − R)² and zeros."""
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * unclipped, torch.zeros_like(values)
+    moved = old_values + torch.clamp(values - old_values, -clip, clip)
+    clipped = (moved - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).to(values.dtype).detach()
 
 
 POLICY_LOSSES: Registry[type[PolicyLoss]] = Registry("policy loss")

@@ -33,7 +33,7 @@ from incentive.data import (
 )
 from incentive.data.preferences import load_preferences
 from incentive.engines import ENGINES, Engine, SamplingParams
-from incentive.engines.tools import ToolEngine
+from incentive.engines.environment import EnvironmentEngine
 from incentive.evaluation import build_verifier, compare, evaluate, write_completions
 from incentive.hooks import HOOKS
 from incentive.logprob_backends import logprob_backend
@@ -44,10 +44,11 @@ from incentive.models.lora import is_lora
 from incentive.registry import Registry
 from incentive.rewards import REWARDS  # noqa: F401  (registers the built-in rewards)
 from incentive.rewards.pipeline import RewardPipeline
+from incentive.rollout import ENVIRONMENTS, ROLLOUT_STRATEGIES, Environment, RolloutStrategy
 from incentive.scorer import ModelScorer
 from incentive.templates import TEMPLATES, Template
-from incentive.tools import TOOLS, CallProtocol, Tool
 from incentive.training.checkpoint import Checkpoints, rng_state, set_rng_state
+from incentive.training.critic import Critic, build_critic
 from incentive.training.metrics import MetricsLog
 from incentive.training.optim import build_optimizer, build_scheduler
 from incentive.training.policy import build_policy, load_policy_weights, trainable_parameters
@@ -105,11 +106,12 @@ class Run:
                 f"{self.estimator.min_group_size} completions per prompt (it compares each with the others of its "
                 "group; with fewer every advantage is 0 and RL never updates the policy)"
             )
+        if recipe.rl.steps:
+            self._check_critic()
         self.hooks = [_build(HOOKS, "hook", h.name, h.args) for h in recipe.hooks]
         self.template = build_template(recipe.template)
-        self.tools = self._build_tools()
-        tools_cfg = recipe.tools
-        self.protocol = CallProtocol(tools_cfg.call_tag, tools_cfg.response_tag) if tools_cfg else None
+        self.strategy = self._build_strategy()
+        self.environment = self._build_environment()
         self.tokenizer = load_tokenizer(recipe.model.name)
         self.context = context_length(recipe.model.name)
         gen_tokens = recipe.generation.max_new_tokens
@@ -128,23 +130,77 @@ class Run:
         self.comparison: dict[str, Any] | None = None
         """RL's eval against the stage before it, paired over the same prompts, once the run has ended."""
 
-    def _build_tools(self) -> dict[str, Tool]:
-        cfg = self.recipe.tools
-        if cfg is None:
-            return {}
-        if self.recipe.generation.engine != "cached":
-            raise ConfigError("tools need generation.engine: cached (its decode loop runs the tool turns)")
-        return {t.name: _build(TOOLS, "tool", t.name, t.args) for t in cfg.tools}
+    def _build_strategy(self) -> RolloutStrategy:
+        """The recipe's rollout strategy; one that forces prefixes needs an engine that can force them."""
+        cfg, engine = self.recipe.rollout, self.recipe.generation.engine
+        strategy: RolloutStrategy = _build(ROLLOUT_STRATEGIES, "rollout", cfg.name, cfg.args)
+        if strategy.forces_prefix and not ENGINES.get(engine).forced_prefixes:
+            raise ConfigError(
+                f"rollout '{cfg.name}' forces assistant prefixes, which generation.engine '{engine}' cannot do; "
+                "use generation.engine: cached or hf"
+            )
+        return strategy
+
+    def _build_environment(self) -> Callable[[], Environment] | None:
+        """What builds each episode's environment (the ``tools`` section is the tool environment's), tried once
+        now so that bad arguments fail before any model loads; None without one."""
+        recipe = self.recipe
+        if recipe.tools is not None:
+            name, args = "tools", recipe.tools.model_dump()
+            needs = "tools need generation.engine: cached (its decode loop runs the tool turns)"
+        elif recipe.environment is not None:
+            name, args = recipe.environment.name, recipe.environment.args
+            needs = "an environment needs generation.engine: cached (its decode loop runs the turns)"
+        else:
+            return None
+        if recipe.generation.engine != "cached":
+            raise ConfigError(needs)
+        try:
+            make = ENVIRONMENTS.get(name).factory(**args)
+            make()
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"environment '{name}': {err}") from err
+        return make
+
+    def _check_critic(self) -> None:
+        """A critic exactly when the estimator reads values: without one it cannot run, and one it never reads
+        would be trained for nothing."""
+        name, reads = self.recipe.advantage.name, "values" in self.estimator.needs
+        if reads and self.recipe.critic is None:
+            raise ConfigError(
+                f"advantage '{name}' needs a critic's values: add a critic section, e.g. "
+                "critic: {model: policy_head}"
+            )
+        if not reads and self.recipe.critic is not None:
+            raise ConfigError(
+                f"critic: advantage '{name}' reads no values, so the critic would train for nothing; use an "
+                "estimator that does (gae) or drop the critic section"
+            )
+        backbone, policy = self.recipe.critic.name if self.recipe.critic else None, self.recipe.model.name
+        if (
+            backbone is not None
+            and backbone != policy
+            and load_tokenizer(backbone).get_vocab() != load_tokenizer(policy).get_vocab()
+        ):
+            raise ConfigError(
+                f"critic.name: '{backbone}' has another tokenizer than the policy '{policy}', and the critic reads "
+                "the policy's token ids; name a model with the same tokenizer"
+            )
 
     def _engine(self, policy: PreTrainedModel, tokenizer: Any, batch_size: int = 64) -> Engine:
-        """The recipe's rollout engine; with tools, wrapped so calls execute between turns."""
+        """The recipe's rollout engine; with an environment, wrapped so that episodes run turn by turn."""
         gen = self.recipe.generation
         engine = ENGINES.get(gen.engine).build(policy, tokenizer, batch_size, gen)
-        cfg = self.recipe.tools
-        if cfg is None:
+        if self.environment is None:
             return engine
-        return ToolEngine(
-            engine, self.tools, self.protocol, cfg.max_calls, cfg.max_observation_tokens, self.context
+        cfg = self.recipe.environment
+        return EnvironmentEngine(
+            engine,
+            self.environment,
+            cfg.name if cfg else "tools",
+            cfg.max_turns if cfg else None,
+            cfg.max_turn_tokens if cfg else None,
+            (cfg.max_context_tokens if cfg else None) or self.context,
         )
 
     def _load(
@@ -282,7 +338,9 @@ class Run:
         sampling_seed = self.recipe.run.seed + 7919
         with torch.random.fork_rng():
             torch.manual_seed(sampling_seed)
-            engine = self._engine(policy, tokenizer, cfg.batch_size) if self.tools else None
+            # the recipe's engine (tools and environments included); not a second vLLM instance beside training's
+            own = self.recipe.generation.engine != "vllm"
+            engine = self._engine(policy, tokenizer, cfg.batch_size) if own else None
             result = evaluate(
                 policy,
                 tokenizer,
@@ -381,7 +439,7 @@ class Run:
             recipe.run.seed,
             recipe.rl.micro_batch_tokens,
             recipe.optim.max_grad_norm,
-            ObservationMaskingEncoder(tokenizer, self.protocol) if self.tools else None,
+            ObservationMaskingEncoder(tokenizer, self.environment()) if self.environment else None,
             cfg.grad_accum,
             logprob_backend(recipe.model.backend),
         )
@@ -514,6 +572,8 @@ class Run:
             sampler=EpochSampler(self.train_examples, recipe.run.seed),
             scorer=ModelScorer(views, recipe.rl.micro_batch_tokens, logprob_backend(recipe.model.backend)),
             reference=reference,
+            strategy=self.strategy,
+            critic=self._build_critic(policy),
         )
         trainer = RLTrainer(recipe, parts)
         start = 0
@@ -527,6 +587,13 @@ class Run:
                 hook.load_state_dict(hook_state)
             if proxy is not None:
                 proxy.load_state_dict(state["proxy"])
+            if parts.critic is not None:
+                if state.get("critic") is None:
+                    raise RunError(
+                        f"--resume: the checkpoint in {self.dir} holds no critic, but the recipe has one; resume "
+                        "with the recipe the run started with"
+                    )
+                parts.critic.load_state_dict(state["critic"])
             set_rng_state(state["rng"])
             start = state["step"]
         else:
@@ -543,6 +610,7 @@ class Run:
                 "shared_state": trainer.state,
                 "hooks": [hook.state_dict() for hook in self.hooks],
                 "proxy": proxy.state_dict() if proxy is not None else None,
+                "critic": parts.critic.state_dict() if parts.critic is not None else None,
                 "elapsed": elapsed,
             }
 
@@ -596,6 +664,21 @@ class Run:
                     print(f"[incentive] RL time budget of {budget:.0f} s used up after step {step}")
                     break
 
+    def _build_critic(self, policy: PreTrainedModel) -> Critic | None:
+        """PPO's critic (its weights, optimizer and schedule travel in the RL checkpoints' trainer.pt)."""
+        cfg, recipe = self.recipe.critic, self.recipe
+        if cfg is None:
+            return None
+        return build_critic(
+            cfg,
+            policy,
+            recipe.model,
+            recipe.optim,
+            recipe.rl.steps,
+            recipe.rl.micro_batch_tokens,
+            recipe.run.seed,
+        )
+
     def _build_proxy(self, policy: PreTrainedModel) -> Any:
         if not self.recipe.proxy.enabled:
             return None
@@ -606,8 +689,9 @@ class Run:
 
     def _build_reference(self, policy: PreTrainedModel, proxy: Any) -> Any:
         """The KL anchor: the proxy, or the policy as RL first started (after any SFT), written to the run folder
-        then so that a resumed run anchors to the same model. LoRA keeps a frozen copy of the adapter only."""
-        if self.recipe.loss.kl_beta == 0:
+        then so that a resumed run anchors to the same model. LoRA keeps a frozen copy of the adapter only. Built
+        for a KL penalty, or for an estimator that needs reference logprobs."""
+        if self.recipe.loss.kl_beta == 0 and "reference_logprobs" not in self.estimator.needs:
             return None
         if self.recipe.loss.kl_reference == "proxy":
             return proxy.view

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,6 +34,9 @@ class SamplingParams:
 
 class Engine(ABC):
     """Generates with the live policy; logprobs are of the sampled tokens at the sampling temperature."""
+
+    forced_prefixes: ClassVar[bool] = False
+    """Whether ``generate`` takes ``prefixes``: an engine that sets it accepts them in ``_chunk``."""
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64
@@ -66,6 +69,17 @@ class Engine(ABC):
         """Token ids of ``text`` with no special tokens added (prompts already carry their chat markup)."""
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def prefix_ids(self, prefixes: Sequence[str], params: SamplingParams) -> list[list[int]]:
+        """Each forced prefix's token ids; a prefix must leave room for at least one sampled token, since it counts
+        against ``max_new_tokens`` as if the policy had written it."""
+        out = [self.encode(p) if p else [] for p in prefixes]
+        longest = max((len(ids) for ids in out), default=0)
+        if longest >= params.max_new_tokens:
+            raise ValueError(
+                f"a forced prefix of {longest} tokens leaves no room within max_new_tokens {params.max_new_tokens}"
+            )
+        return out
+
     @torch.no_grad()
     def generate(
         self,
@@ -73,9 +87,14 @@ class Engine(ABC):
         prompts: Sequence[str],
         group_ids: Sequence[int],
         params: SamplingParams,
+        prefixes: Sequence[str] | None = None,
     ) -> RolloutBatch:
-        """``params.n`` completions for each prompt; completion k of prompt i carries ``group_ids[i]``. A LoRA
-        policy samples with its adapter merged into copies of the weights (see :func:`merged_lora`)."""
+        """``params.n`` completions for each prompt; completion k of prompt i carries ``group_ids[i]``. With
+        ``prefixes``, each completion of prompt i starts with the tokens of ``prefixes[i]``, forced after the
+        prompt's tokens and kept in the completion as if sampled. A LoRA policy samples with its adapter merged
+        into copies of the weights (see :func:`merged_lora`)."""
+        if prefixes is not None and not self.forced_prefixes:
+            raise ValueError(f"the {type(self).__name__} cannot force assistant prefixes")
         completions: list[Completion] = []
         per_call = max(1, self.batch_size // params.n)
         was_training = self.model.training
@@ -84,8 +103,9 @@ class Engine(ABC):
             with self.prefilled.sampling(), merged_lora(self.model):
                 for start in range(0, len(prompts), per_call):
                     stop = start + per_call
+                    forced = {} if prefixes is None else {"prefixes": prefixes[start:stop]}
                     completions += self._chunk(
-                        examples[start:stop], prompts[start:stop], group_ids[start:stop], params
+                        examples[start:stop], prompts[start:stop], group_ids[start:stop], params, **forced
                     )
         finally:
             self.model.train(was_training)

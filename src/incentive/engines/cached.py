@@ -58,6 +58,26 @@ def _sample_without(
     return tokens, logprobs + torch.logsumexp(kept / scale, -1) - torch.logsumexp(logits / scale, -1)
 
 
+def _forced_table(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Forced tokens per row as a [rows, longest] table, -1 past each row's own."""
+    width = max((len(r) for r in rows), default=0)
+    table = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return table
+
+
+def _force(
+    wanted: torch.Tensor, logits: torch.Tensor, new: torch.Tensor, lp: torch.Tensor, params: SamplingParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows with a forced token (``wanted`` >= 0) take it, with its logprob at the sampling temperature (greedy:
+    at temperature 1, as :func:`sample` reports); the others keep what was sampled. Returns which rows were forced."""
+    on = wanted >= 0
+    scaled = logits.float() / (params.temperature or 1.0)
+    forced_lp = torch.log_softmax(scaled, -1).gather(-1, wanted.clamp(min=0)[:, None]).squeeze(-1)
+    return torch.where(on, wanted, new), torch.where(on, forced_lp, lp), on
+
+
 def inverse_cdf(weights: torch.Tensor) -> torch.Tensor:
     """One draw per row from unnormalised non-negative ``weights``: the first index whose running sum exceeds a
     uniform fraction of the total. One uniform per row instead of ``multinomial``'s exponential per vocabulary
@@ -81,6 +101,8 @@ class Turn:
 class CachedEngine(Engine):
     """Same interface as :class:`HFEngine`; faster on CPU for groups of samples. With ``sampling_dtype``
     bfloat16 it samples from a bf16 copy of the policy (see :mod:`incentive.engines.low_precision`)."""
+
+    forced_prefixes = True
 
     def __init__(
         self,
@@ -114,9 +136,13 @@ class CachedEngine(Engine):
         prompts: Sequence[str],
         group_ids: Sequence[int],
         params: SamplingParams,
+        prefixes: Sequence[str] | None = None,
     ) -> list[Completion]:
         prompt_ids = [self.encode(p) for p in prompts]
-        turns = self.decode(prompt_ids, params)
+        if prefixes is None:
+            turns = self.decode(prompt_ids, params)
+        else:
+            turns = self.decode(prompt_ids, params, forced=self.prefix_ids(prefixes, params))
         return [
             Completion(
                 group_id=group_ids[row // params.n],
@@ -138,10 +164,13 @@ class CachedEngine(Engine):
         params: SamplingParams,
         limits: Sequence[int] | None = None,
         stop_text: str | None = None,
+        forced: Sequence[Sequence[int]] | None = None,
     ) -> list[Turn]:
         """``params.n`` continuations of each token context (row k·n + j is sample j of context k), each prefilled
         once; row r stops at an end token (none before ``params.min_new_tokens``), at ``stop_text`` (kept), or
-        after ``limits[r]`` tokens (default ``params.max_new_tokens``)."""
+        after ``limits[r]`` tokens (default ``params.max_new_tokens``). The rows of context k first take the
+        tokens ``forced[k]`` as if sampled (their logprobs at the sampling temperature); those never end a row
+        but by its limit."""
         model = self.model if self.low_precision is None else self.low_precision.model_for(self.model)
         ids, mask, positions = left_padded(list(contexts))
         step = DecodeStep.for_model(model)
@@ -166,12 +195,18 @@ class CachedEngine(Engine):
         ended = ["length"] * len(owner)
         stops = torch.tensor(self.stop_ids)
         tail = len(stop_text) + 2 if stop_text else 0
+        prefix = _forced_table([forced[k] for k in owner.tolist()] if forced else [])
         for position in range(max(limit, default=0)):
             if position < params.min_new_tokens:
                 new, lp = _sample_without(stops, logits, params)
             else:
                 new, lp = sample(logits, params)
+            forcing = position < prefix.shape[1]
+            if forcing:
+                new, lp, on = _force(prefix[rows, position], logits, new, lp, params)
             done = torch.isin(new, stops)
+            if forcing:
+                done &= ~on
             for k, (row, token, value) in enumerate(
                 zip(rows.tolist(), new.tolist(), lp.tolist(), strict=True)
             ):
@@ -179,7 +214,11 @@ class CachedEngine(Engine):
                 logprobs[row].append(value)
                 if done[k]:
                     ended[row] = "eos"
-                elif stop_text and stop_text in self.tokenizer.decode(tokens[row][-tail:]):
+                elif (
+                    stop_text
+                    and not (forcing and on[k])
+                    and stop_text in self.tokenizer.decode(tokens[row][-tail:])
+                ):
                     ended[row] = "stop"
                     done[k] = True
                 elif len(tokens[row]) >= limit[row]:

@@ -181,8 +181,12 @@ class VLLMEngine(Engine):
         prompts: Sequence[str],
         group_ids: Sequence[int],
         params: SamplingParams,
+        prefixes: Sequence[str] | None = None,
     ) -> RolloutBatch:
-        """``params.n`` completions per prompt in one vLLM call (vLLM batches and schedules them itself)."""
+        """``params.n`` completions per prompt in one vLLM call (vLLM batches and schedules them itself). Forced
+        prefixes are not supported (``forced_prefixes`` is False): a run refuses a strategy that forces them."""
+        if prefixes is not None:
+            raise ValueError("the vLLM engine cannot force assistant prefixes")
         if self.llm is None:
             self._start()
         if self.stale:

@@ -64,7 +64,8 @@ class Scored:
 
 class RewardPipeline:
     """The weighted parts of a recipe, each keyed by its id (default: its name) in scores, metrics and reasons; a
-    part that raises, overruns its ``timeout_s`` or returns garbage fails only its samples."""
+    part that raises, overruns its ``timeout_s`` or returns garbage fails only its samples, and so does a rollout
+    that failed (``info["failure"]``, e.g. an environment that raised)."""
 
     def __init__(self, configs: list[RewardConfig]) -> None:
         if not configs:
@@ -103,6 +104,12 @@ class RewardPipeline:
                 else:
                     total[i] = math.nan
                     failed_parts[i].append(f"{name}: {reason or 'non-finite score'}")
+        for i, completion in enumerate(batch):
+            failure = completion.info.get("failure")  # the rollout failed, e.g. its environment raised
+            if failure:
+                total[i] = math.nan
+                failed_parts[i].append(f"rollout: {failure}")
+                reasons[i].append(f"rollout: {failure}")
         return Scored(total, components, extras, failed_parts, reasons)
 
     @staticmethod

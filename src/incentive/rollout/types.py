@@ -22,7 +22,8 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     truncated: bool = False
     loss_mask: list[float] | None = None
-    """Per completion token, 1 where the policy wrote it and 0 where a tool did (None: all the policy's)."""
+    """Per completion token, 1 where the policy wrote it (a forced prefix included) and 0 where an environment
+    did, e.g. a tool's output (None: all the policy's)."""
     info: dict[str, Any] = field(default_factory=dict)
     """What the rollout learned on the way, e.g. ``tool_calls`` and ``final_tool_error`` of a tool episode."""
     labels: dict[str, str] = field(default_factory=dict)

@@ -8,13 +8,13 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from incentive.advantages import AdvantageEstimator
+from incentive.advantages import Estimator
 from incentive.config import Recipe
 from incentive.data.example import Example
 from incentive.engines import Engine, SamplingParams
@@ -25,8 +25,12 @@ from incentive.losses import PolicyLoss, Totals
 from incentive.rewards.base import RewardContext, Scorer
 from incentive.rewards.pipeline import RewardPipeline, Scored
 from incentive.rewards.verifier import AnswerReward, RuleVerifier, extract_answer
+from incentive.rollout.sampling import plan_requests, sample_requests
+from incentive.rollout.strategy import Plain, RolloutContext, RolloutStrategy
 from incentive.rollout.types import Completion, RolloutBatch, group_indices
 from incentive.templates import Parsed, SingleBlockFormat, TagFormat, Template
+from incentive.training.batch import TrainingBatch, pad
+from incentive.training.critic import Critic
 from incentive.training.metrics import summarize
 from incentive.training.sampler import EpochSampler
 
@@ -46,22 +50,17 @@ class RLParts:
     template: Template
     engine: Engine
     rewards: RewardPipeline
-    estimator: AdvantageEstimator
+    estimator: Estimator
     loss: PolicyLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: EpochSampler[Example]
     scorer: Scorer | None
     reference: ModelView | None
-
-
-def pad(rows: Sequence[torch.Tensor | Sequence[float]], width: int) -> torch.Tensor:
-    """Right-pad 1-D rows with zeros into a [len(rows), width] tensor (keeps autograd for tensor rows)."""
-    out = []
-    for row in rows:
-        t = row if isinstance(row, torch.Tensor) else torch.tensor(row, dtype=torch.float32)
-        out.append(torch.nn.functional.pad(t, (0, width - t.shape[0])))
-    return torch.stack(out)
+    critic: Critic | None = None
+    """PPO's value model, for an estimator that needs values (``critic`` in the recipe)."""
+    strategy: RolloutStrategy = field(default_factory=Plain)
+    """How each example's group is sampled (``rollout`` in the recipe)."""
 
 
 class RLTrainer:
@@ -100,27 +99,33 @@ class RLTrainer:
                 update = len(kept) > 0
                 if update:
                     batch, scored = kept, kept_scores
-        scores = torch.tensor(scored.total, dtype=torch.float64)
-        advantages = p.estimator(scores, batch.group_ids, [c.example for c in batch])
         lr = p.scheduler.get_last_lr()[0]  # the rate this step's update uses; the scheduler steps past it
         t0 = time.perf_counter()
-        train_stats = self._optimise(batch, advantages, scored.failed) if update else self._skip_update()
+        training = TrainingBatch.from_rollouts(batch, scored.total, rl.mask_truncated)
+        self._supply(training, batch)
+        training.set_advantages(p.estimator.estimate(training))
+        critic_stats = self._train_critic(training, update)
+        train_stats = self._optimise(training) if update else self._skip_update()
         t_train = time.perf_counter() - t0
+        advantages = training.sequence_advantages
+        assert advantages is not None
         record = self._record(
             step, batch, scored, advantages, train_stats, times["generate"], times["reward"], t_train
         )
-        return {**record, "lr": lr, **sampling}
+        return {**record, "lr": lr, **sampling, **critic_stats}
 
     def _rollout(
         self, step: int, examples: Sequence[Example], times: dict[str, float]
     ) -> tuple[RolloutBatch, Scored]:
-        """G completions per example, scored; stops the run when too many fail their rewards."""
+        """Each example's group as the rollout strategy plans it, scored; stops the run when too many fail their
+        rewards."""
         p = self.p
         t0 = time.perf_counter()
-        prompts = [p.template.render(e, p.tokenizer) for e in examples]
-        group_ids = list(range(self.group_counter, self.group_counter + len(examples)))
-        self.group_counter += len(examples)
-        batch = p.engine.generate(examples, prompts, group_ids, self.params)
+        ctx = RolloutContext(p.template, p.tokenizer, self.params.n)
+        plans = [p.strategy.variants(e, ctx) for e in examples]
+        requests, used = plan_requests(examples, plans, self.group_counter, self.params)
+        self.group_counter += used
+        batch = sample_requests(p.engine, requests)
         t1 = time.perf_counter()
         ctx = RewardContext(
             p.tokenizer,
@@ -175,37 +180,57 @@ class RLTrainer:
         }
         return merged, Scored.concat([s for _, s in kept]), stats
 
-    def _optimise(
-        self, batch: RolloutBatch, advantages: torch.Tensor, failed: list[bool]
-    ) -> dict[str, float]:
+    def _supply(self, training: TrainingBatch, batch: RolloutBatch) -> None:
+        """What the estimator declares it needs, for the rows the update may train on."""
+        needs, rows = self.p.estimator.needs, training.trained_rows
+        if "step_rewards" in needs:
+            training.step_rewards = [c.step_rewards for c in batch]
+        if "values" in needs:
+            if self.p.critic is None:
+                raise RuntimeError("the advantage estimator needs values, but the run built no critic")
+            training.values = self.p.critic.values(training)
+        if "reference_logprobs" in needs and rows:
+            contexts, targets = [training.contexts[i] for i in rows], [training.targets[i] for i in rows]
+            training.reference_logprobs = training.scatter(rows, self._reference_logprobs(contexts, targets))
+
+    def _train_critic(self, training: TrainingBatch, update: bool) -> dict[str, float]:
+        """The critic's update on the batch, before the policy's (a head on the policy reads the features the
+        values came from); skipped with the policy's."""
+        critic = self.p.critic
+        if critic is None:
+            return {}
+        return critic.update(training, self.recipe.rl.num_iterations) if update else critic.skip()
+
+    def _optimise(self, batch: TrainingBatch) -> dict[str, float]:
         """Policy-gradient update on the batch; skips the forward/backward work that would contribute zero."""
         p, rl, loss_cfg = self.p, self.recipe.rl, self.recipe.loss
-        valid = [i for i, f in enumerate(failed) if not f and batch.completions[i].length > 0]
-        masked = {i for i in valid if batch.completions[i].truncated} if rl.mask_truncated else set()
-        valid = [i for i in valid if i not in masked]
-        trained_tokens = sum(sum(batch.completions[i].trained_mask) for i in valid)
-        totals = Totals(tokens=int(trained_tokens), sequences=len(valid))
+        advantages = batch.advantages
+        assert advantages is not None, "the estimator runs before the update"
+        valid = batch.trained_rows
+        totals = Totals(tokens=int(batch.mask[valid].sum()), sequences=len(valid))
         needs_all = loss_cfg.kl_beta > 0 or not rl.skip_zero_advantage
-        active = valid if needs_all else [i for i in valid if advantages[i] != 0]
+        active = valid if needs_all else [i for i in valid if bool(advantages[i].any())]
         if not active:
-            return {**self._skip_update(), "masked_truncated": float(len(masked))}
-        comps = [batch.completions[i] for i in active]
-        contexts = [c.prompt_ids for c in comps]
-        targets = [c.completion_ids for c in comps]
-        adv = advantages[active]
-        ref = self._reference_logprobs(contexts, targets) if loss_cfg.kl_beta > 0 else None
-        old = self._old_logprobs(contexts, targets) if rl.num_iterations > 1 else None
+            return {**self._skip_update(), "masked_truncated": float(batch.masked_truncated)}
+        contexts = [batch.contexts[i] for i in active]
+        targets = [batch.targets[i] for i in active]
+        if loss_cfg.kl_beta > 0 and batch.reference_logprobs is None:
+            batch.reference_logprobs = batch.scatter(active, self._reference_logprobs(contexts, targets))
+        if rl.num_iterations > 1:
+            batch.old_logprobs = batch.scatter(active, self._old_logprobs(contexts, targets))
+        ref, old = batch.reference_logprobs if loss_cfg.kl_beta > 0 else None, batch.old_logprobs
         stats: dict[str, list[tuple[float, float]]] = {}
         losses: list[float] = []
         grad_norms: list[float] = []
 
         def loss_of(rows: list[int], logp: list[torch.Tensor]) -> torch.Tensor:
-            width = max(len(targets[i]) for i in rows)
+            """The loss of some active rows (indices into ``active``) given their logprobs."""
+            at, width = [active[k] for k in rows], max(len(targets[k]) for k in rows)
             logp_t = pad(logp, width)
-            mask = pad([comps[i].trained_mask for i in rows], width)
-            old_t = pad([old[i] for i in rows], width) if old else logp_t.detach()
-            ref_t = pad([ref[i] for i in rows], width) if ref else None
-            loss, part_stats = p.loss(logp_t, old_t, adv[rows], mask, totals, ref_t)
+            mask = batch.mask[at, :width]
+            old_t = old[at, :width] if old is not None else logp_t.detach()
+            ref_t = ref[at, :width] if ref is not None else None
+            loss, part_stats = p.loss(logp_t, old_t, advantages[at, :width], mask, totals, ref_t)
             tokens = float(mask.sum())
             for key, value in part_stats.items():
                 stats.setdefault(key, []).append((value, tokens))
@@ -229,7 +254,7 @@ class RLTrainer:
         out["trained_sequences"] = float(len(active))
         out["target_tokens"] = float(sum(len(t) for t in targets))
         out["context_tokens"] = float(sum(len(c) for c in {tuple(c) for c in contexts}))
-        out["masked_truncated"] = float(len(masked))
+        out["masked_truncated"] = float(batch.masked_truncated)
         return out
 
     def _skip_update(self) -> dict[str, float]:
@@ -259,7 +284,9 @@ class RLTrainer:
     @torch.no_grad()
     def _reference_logprobs(self, contexts: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
         if self.p.reference is None:
-            raise RuntimeError("KL penalty configured but no reference model was built")
+            raise RuntimeError(
+                "reference logprobs wanted (a KL penalty or the estimator) but no reference was built"
+            )
         with self.p.reference() as ref:
             lps = self.backend.score(
                 ref, contexts, targets, self.recipe.rl.micro_batch_tokens, self.params.temperature
@@ -308,6 +335,8 @@ class RLTrainer:
         for name, values in scored.extras.items():
             record.update(summarize(f"extra/{name}", values))
         record.update(_tool_stats(batch))
+        record.update(environment_stats(batch))
+        record.update(reward_by_label(batch, scored.total))
         tags = self.p.template.tags
         record["samples"] = [
             {**_sample(c, scored, i, reasonings[i]), **verdict(c, parsed[i], tags, self.verifier)}
@@ -333,6 +362,7 @@ def _sample(c: Completion, scored: Scored, i: int, reasoning: str | None) -> dic
         "reasons": scored.reasons[i],
         "reasoning": reasoning,
         "details": details,
+        **({"labels": dict(c.labels)} if c.labels else {}),
     }
 
 
@@ -399,6 +429,37 @@ def _tool_stats(batch: RolloutBatch) -> dict[str, float]:
         "tools/final_error_share": sum(c.info["final_tool_error"] for c in episodes) / len(episodes),
         **summarize("length/generated", [sum(c.trained_mask) for c in episodes]),
     }
+
+
+def environment_stats(batch: RolloutBatch) -> dict[str, float]:
+    """Episodes of a multi-turn batch: turns per episode, share whose environment failed, and the step rewards
+    (their sum per episode), when any were given."""
+    episodes = [c for c in batch if "turns" in c.info]
+    if not episodes:
+        return {}
+    out = {
+        "env/turns_mean": sum(c.info["turns"] for c in episodes) / len(episodes),
+        "env/failed_share": sum("failure" in c.info for c in episodes) / len(episodes),
+    }
+    if any(c.step_rewards for c in episodes):
+        out.update(summarize("env/step_reward_sum", [sum(c.step_rewards.values()) for c in episodes]))
+    return out
+
+
+def reward_by_label(batch: RolloutBatch, totals: Sequence[float]) -> dict[str, float]:
+    """``reward/by_<key>/<value>``: the mean valid reward of the completions labelled ``key: value`` (e.g.
+    ``reward/by_mode/think``), and ``count/by_<key>/<value>`` their number; nothing when no completion has labels."""
+    rewards: dict[tuple[str, str], list[float]] = {}
+    for c, total in zip(batch, totals, strict=True):
+        for key, value in c.labels.items():
+            rewards.setdefault((key, value), []).append(total)
+    out: dict[str, float] = {}
+    for (key, value), values in sorted(rewards.items()):
+        finite = [x for x in values if math.isfinite(x)]
+        out[f"count/by_{key}/{value}"] = float(len(values))
+        if finite:
+            out[f"reward/by_{key}/{value}"] = sum(finite) / len(finite)
+    return out
 
 
 def _finite(x: float) -> float | None:

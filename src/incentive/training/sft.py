@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.logprob_backends import Fused, LogprobBackend
 from incentive.logprobs import plan_batches
-from incentive.tools import CallProtocol
 from incentive.training.sampler import EpochSampler
+
+
+class SplitsResponses(Protocol):
+    """What cuts a target trace into (piece, is_observation) pieces: a tool call protocol or an environment."""
+
+    def split_responses(self, text: str) -> list[tuple[str, bool]]: ...
 
 
 class TargetEncoder:
@@ -28,10 +33,10 @@ class TargetEncoder:
 
 
 class ObservationMaskingEncoder(TargetEncoder):
-    """Tool observations in a target trace are tokenized on their own, as the tool engine places them, and left
-    out of the loss (SFT on assistant turns only)."""
+    """Observations (tool or environment responses) in a target trace are tokenized on their own, as the
+    environment engine places them, and left out of the loss (SFT on assistant turns only)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, protocol: CallProtocol) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, protocol: SplitsResponses) -> None:
         super().__init__(tokenizer)
         self.protocol = protocol
 

@@ -528,9 +528,9 @@ class Plugins(Strict):
 
     imports: list[Annotated[str, AfterValidator(_imported)]] = Field(
         default_factory=list,
-        description="modules that register parts (rewards, estimators, losses, hooks, templates, engines, rollout "
-        "strategies, environments) with the package's decorators: .py files (relative to the recipe's folder) or "
-        "dotted module names",
+        description="modules that register parts (rewards, estimators, losses, KL estimators, aggregations, logprob "
+        "backends, hooks, templates, engines, tools, rollout strategies, environments, tasks) with the package's "
+        "decorators: .py files (relative to the recipe's folder) or dotted module names",
     )
 
 

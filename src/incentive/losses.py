@@ -174,7 +174,7 @@ class Clipped(PolicyLoss):
     ρ = exp(logp − old_logp) per token."""
 
     eps_low: float = 0.2
-    eps_high: float = 0.2
+    eps_high: float = 0.28
 
     def surrogate(
         self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor

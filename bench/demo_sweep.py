@@ -16,40 +16,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+from nover_study import ROOT, train
 from progress import Progress
 
 from incentive.evaluation import read_completions
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def nover(lr: str, groups: int, temperature: float, kl_beta: float) -> tuple[str, list[str]]:
+    """A NOVER arm on ``recipes/nover-chain-sum.yaml``'s rewards and proxy, with every setting the sweep varies spelled out (so an
+    arm means the same whatever the demo recipe says today)."""
+    return (
+        "nover-chain-sum.yaml",
+        [
+            f"optim.lr={lr}",
+            f"generation.prompts_per_step={groups}",
+            f"generation.num_generations={groups}",
+            f"generation.temperature={temperature}",
+            f"loss.kl_beta={kl_beta}",
+            "loss.kl_estimator=k3",
+            "loss.kl_reference=proxy",
+        ],
+    )
+
 
 ARMS: dict[str, tuple[str, list[str]]] = {
-    "nover-demo": ("demo.yaml", []),
-    "nover-lr1e-5": (
-        "demo.yaml",
-        ["optim.lr=1e-5", "generation.prompts_per_step=8", "generation.num_generations=8"],
-    ),
-    "nover-lr1e-5-nokl": (
-        "demo.yaml",
-        ["optim.lr=1e-5", "generation.prompts_per_step=8", "generation.num_generations=8", "loss.kl_beta=0"],
-    ),
-    "nover-lr2e-5-nokl": (
-        "demo.yaml",
-        ["optim.lr=2e-5", "generation.prompts_per_step=8", "generation.num_generations=8", "loss.kl_beta=0"],
-    ),
-    "nover-lr2e-5-nokl-t1": (
-        "demo.yaml",
-        [
-            "optim.lr=2e-5",
-            "generation.prompts_per_step=8",
-            "generation.num_generations=8",
-            "loss.kl_beta=0",
-            "generation.temperature=1.0",
-        ],
-    ),
+    "nover-demo": nover("2e-6", 4, 0.7, 0.1),
+    "nover-lr1e-5": nover("1e-5", 8, 0.7, 0.1),
+    "nover-lr1e-5-nokl": nover("1e-5", 8, 0.7, 0.0),
+    "nover-lr2e-5-nokl": nover("2e-5", 8, 0.7, 0.0),
+    "nover-lr2e-5-nokl-t1": nover("2e-5", 8, 1.0, 0.0),
     "grpo-lr1e-5": (
         "grpo-chain-sum.yaml",
         [
@@ -60,7 +57,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
 }
-"""Arm name → (recipe, overrides on top of the shared settings). Each arm runs --steps RL steps."""
+"""Arm name → (recipe, overrides on top of the shared settings). Each arm runs --steps RL steps. The demo recipe's
+RL settings are ``nover-lr2e-5-nokl-t1``'s; ``nover-demo`` is the demo before this sweep."""
 
 
 def shared(eval_size: int, seed: int) -> list[str]:
@@ -72,21 +70,6 @@ def shared(eval_size: int, seed: int) -> list[str]:
         "data.task_args={min_terms: 2, max_terms: 3, min_digits: 1, max_digits: 2}",
         f"run.seed={seed}",
     ]
-
-
-def train(recipe: str, run_dir: Path, sets: list[str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "incentive.cli",
-        "train",
-        str(ROOT / "recipes" / recipe),
-        "--run-dir",
-        str(run_dir),
-    ]
-    cmd += ["--overwrite"] + [x for s in sets for x in ("--set", s)]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def changed_answers(a: Path, b: Path) -> float:

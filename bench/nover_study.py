@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TASK = "{min_terms: 2, max_terms: 3, min_digits: 1, max_digits: 2}"
 
 
-def train(recipe: str, run_dir: Path, sets: list[str], progress: Progress) -> None:
+def train(recipe: str, run_dir: Path, sets: list[str]) -> None:
+    """``incentive train`` of a bundled recipe into ``run_dir`` (overwritten) with ``--set`` overrides."""
     cmd = [
         sys.executable,
         "-m",
@@ -32,7 +33,6 @@ def train(recipe: str, run_dir: Path, sets: list[str], progress: Progress) -> No
         str(run_dir),
     ]
     cmd += ["--overwrite"] + [x for s in sets for x in ("--set", s)]
-    progress.start(f"arm '{run_dir.name}' ({recipe})")
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -66,7 +66,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = common_settings(args.eval_size)
     progress = Progress("study", 3)
-    train("demo.yaml", out / "sft", common + ["rl.steps=0"], progress)
+    progress.start("arm 'sft' (demo.yaml)")
+    train("demo.yaml", out / "sft", common + ["rl.steps=0"])
     sft_policy = next((out / "sft" / "checkpoints").glob("sft-*")) / "policy"
     rl = [
         f"model.name={sft_policy}",
@@ -75,8 +76,10 @@ def main() -> None:
         f"rl.time_budget_s={args.budget}",
         f"eval.every={args.eval_every}",
     ]
-    train("grpo-chain-sum.yaml", out / "grpo", common + rl + ["generation.temperature=0.7"], progress)
-    train("demo.yaml", out / "nover", common + rl, progress)
+    progress.start("arm 'grpo' (grpo-chain-sum.yaml)")
+    train("grpo-chain-sum.yaml", out / "grpo", common + rl + ["generation.temperature=0.7"])
+    progress.start("arm 'nover' (nover-chain-sum.yaml)")
+    train("nover-chain-sum.yaml", out / "nover", common + rl)
     report(out, args.budget)
 
 

@@ -18,7 +18,7 @@ PLOTS = ("reward", "accuracy", "length", "kl_clip", "update", "signal", "through
 PLANTED = "<script>alert('pwned')</script></pre></td>"
 TRAIN = [
     "train",
-    "recipes/demo.yaml",
+    "recipes/nover-chain-sum.yaml",
     "--set",
     "model.name=tiny-random",
     "--set",
@@ -39,12 +39,14 @@ TRAIN = [
     "eval.data.size=2",
     "--set",
     "eval.max_new_tokens=4",
+    "--set",
+    "rl.skip_zero_advantage=false",
 ]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A real run of the demo recipe on the tiny model: base eval, 1 SFT step, 3 RL steps, final evals."""
+    """A real run of the NOVER chain_sum recipe on the tiny model: base eval, 1 SFT step, 3 RL steps, final evals."""
     path = tmp_path_factory.mktemp("runs") / "tiny"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)

@@ -164,6 +164,19 @@ def clipped_value_loss(
     return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).to(values.dtype).detach()
 
 
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """−min(ρA, clip(ρ, 1 − ε_low, 1 + ε_high)A) per token, with the clipped share and the mean ratio."""
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
+    stats = {
+        "clip_frac": masked_mean((clipped < unclipped).to(mask.dtype), mask),
+        "ratio_mean": masked_mean(ratio, mask),
+    }
+    return -torch.minimum(unclipped, clipped), stats
+
+
 POLICY_LOSSES: Registry[type[PolicyLoss]] = Registry("policy loss")
 
 
@@ -179,14 +192,7 @@ class Clipped(PolicyLoss):
     def surrogate(
         self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        ratio = torch.exp(logp - old_logp)
-        unclipped = ratio * advantages
-        clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high) * advantages
-        stats = {
-            "clip_frac": masked_mean((clipped < unclipped).to(mask.dtype), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-        return -torch.minimum(unclipped, clipped), stats
+        return clipped_surrogate(torch.exp(logp - old_logp), advantages, self.eps_low, self.eps_high, mask)
 
 
 @POLICY_LOSSES.register("dual_clip")
@@ -224,13 +230,7 @@ class GSPO(PolicyLoss):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         log_seq = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         ratio = torch.exp(log_seq.detach()[:, None] + logp - logp.detach())
-        unclipped = ratio * advantages
-        clipped = torch.clamp(ratio, 1 - self.gspo_eps_low, 1 + self.gspo_eps_high) * advantages
-        stats = {
-            "clip_frac": masked_mean((clipped < unclipped).to(mask.dtype), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-        return -torch.minimum(unclipped, clipped), stats
+        return clipped_surrogate(ratio, advantages, self.gspo_eps_low, self.gspo_eps_high, mask)
 
 
 @POLICY_LOSSES.register("cispo")

@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     from incentive.data import DataError
     from incentive.models import ModelLoadError
     from incentive.run import RunError
-    from incentive.training.rl import TooManyFailures
     from incentive.training.signals import StopRequested, ignore_stop_signals
+    from incentive.training.stage import StageStateMismatch, StepFailed
 
     try:
         return args.func(args)
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         ignore_stop_signals()
         print(f"[incentive] {err}", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, ModelLoadError, RunError, TooManyFailures) as err:
+    except (ConfigError, DataError, ModelLoadError, RunError, StepFailed, StageStateMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -415,6 +415,11 @@ class EvalConfig(Strict):
         "tinyv or general_reasoner (judge model: embedded)",
     )
     every: int = Field(0, ge=0, description="evaluate during RL every N steps (0: only at stage ends)")
+    stages: list[Literal["base", "sft", "rl"]] = Field(
+        ["base", "sft", "rl"],
+        description="which stage ends are evaluated (base: the model as loaded; drop it when it was evaluated "
+        "already, e.g. an SFT checkpoint another run scored)",
+    )
     samples: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     max_new_tokens: int | None = None

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,6 @@ import numpy as np
 import torch
 import transformers
 import yaml
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from incentive.advantages import ADVANTAGES
@@ -32,26 +28,28 @@ from incentive.data import (
     sft_pairs,
 )
 from incentive.data.preferences import load_preferences
-from incentive.engines import ENGINES, Engine, SamplingParams
+from incentive.engines import ENGINES, Engine
 from incentive.engines.environment import EnvironmentEngine
-from incentive.evaluation import build_verifier, compare, evaluate, write_completions
+from incentive.evaluation import build_verifier
 from incentive.hooks import HOOKS
+from incentive.hooks.builtin import HeldOutEval, ProxySync
 from incentive.logprob_backends import logprob_backend
 from incentive.losses import build_policy_loss
 from incentive.malloc import keep_freed_memory
 from incentive.models import context_length, load_tokenizer
-from incentive.models.lora import is_lora
 from incentive.registry import Registry
 from incentive.rewards import REWARDS  # noqa: F401  (registers the built-in rewards)
 from incentive.rewards.pipeline import RewardPipeline
 from incentive.rollout import ENVIRONMENTS, ROLLOUT_STRATEGIES, Environment, RolloutStrategy
 from incentive.scorer import ModelScorer
 from incentive.templates import TEMPLATES, Template
-from incentive.training.checkpoint import Checkpoints, rng_state, set_rng_state
+from incentive.training.checkpoint import Checkpoints
 from incentive.training.critic import Critic, build_critic
+from incentive.training.held_out import HeldOutEvals
 from incentive.training.metrics import MetricsLog
 from incentive.training.optim import build_optimizer, build_scheduler
 from incentive.training.policy import build_policy, load_policy_weights, trainable_parameters
+from incentive.training.reference import initial_reference, model_view
 from incentive.training.reward_model import (
     Encoded,
     RewardModelTrainer,
@@ -60,12 +58,12 @@ from incentive.training.reward_model import (
     save_reward_model,
     split_held_out,
 )
-from incentive.training.rl import RLParts, RLTrainer, TooManyFailures
+from incentive.training.rl import RLParts, RLTrainer
 from incentive.training.run_lock import LOCK_NAME, RunFolderBusy, RunLock
 from incentive.training.sampler import EpochSampler
 from incentive.training.sft import ObservationMaskingEncoder, SFTTrainer
-from incentive.training.signals import GracefulStop, StepDropped, StopRequested
 from incentive.training.sinks import build_sinks
+from incentive.training.stage import StageLoop
 
 STAGES = ("reward_model", "sft", "rl")
 
@@ -118,10 +116,18 @@ class Run:
         self.train_examples = self._load(recipe.data, "data", gen_tokens, self._reward_problem)
         self.estimator.fit(self.train_examples)
         eval_tokens = recipe.eval.max_new_tokens or gen_tokens
-        self.eval_examples = (
-            self._load(recipe.eval.data, "eval.data", eval_tokens) if recipe.eval.data else []
+        eval_examples = self._load(recipe.eval.data, "eval.data", eval_tokens) if recipe.eval.data else []
+        # the recipe's engine (tools and environments included); not a second vLLM instance beside training's
+        self.evals = HeldOutEvals(
+            self.dir,
+            recipe.eval,
+            eval_examples,
+            self.template,
+            build_verifier(recipe.eval.verifier),
+            gen_tokens,
+            recipe.run.seed + 7919,
+            self._engine if recipe.generation.engine != "vllm" else None,
         )
-        self.eval_verifier = build_verifier(recipe.eval.verifier)
         self.sft_targets = self._sft_targets() if recipe.sft.steps else []
         self.reward_model_items = self._reward_model_items() if recipe.reward_model.steps else ([], [])
         self._prepare_dir(overwrite)
@@ -307,63 +313,6 @@ class Run:
             self.lock.release()
             raise
 
-    # -- state shared across stages -------------------------------------------------------------------------
-    def _evals(self) -> dict[str, Any]:
-        path = self.dir / "evals.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def _save_eval(self, key: str, result: dict[str, Any]) -> None:
-        """Every completion to evals/KEY.completions.jsonl (what `incentive compare` reads), the rest to
-        evals.json."""
-        lines = Path("evals") / f"{key}.completions.jsonl"
-        write_completions(result.pop("per_prompt"), self.dir / lines)
-        result["completions_file"] = str(lines)
-        evals = self._evals()
-        evals[key] = result
-        tmp = self.dir / "evals.json.tmp"
-        tmp.write_text(json.dumps(evals, indent=2))
-        tmp.replace(self.dir / "evals.json")
-
-    def _eval(self, key: str, policy: PreTrainedModel, tokenizer: Any) -> dict[str, Any] | None:
-        if not self.eval_examples:
-            return None
-        done = self._evals()
-        if key in done:
-            return done[key]
-        cfg = self.recipe.eval
-        params = SamplingParams(
-            cfg.samples, cfg.max_new_tokens or self.recipe.generation.max_new_tokens, cfg.temperature
-        )
-        start = time.perf_counter()
-        sampling_seed = self.recipe.run.seed + 7919
-        with torch.random.fork_rng():
-            torch.manual_seed(sampling_seed)
-            # the recipe's engine (tools and environments included); not a second vLLM instance beside training's
-            own = self.recipe.generation.engine != "vllm"
-            engine = self._engine(policy, tokenizer, cfg.batch_size) if own else None
-            result = evaluate(
-                policy,
-                tokenizer,
-                self.template,
-                self.eval_examples,
-                params,
-                cfg.batch_size,
-                self.eval_verifier,
-                engine=engine,
-            )
-        result.update(seconds=time.perf_counter() - start, sampling_seed=sampling_seed, verifier=cfg.verifier)
-        self._save_eval(key, result)
-        shown = (("accuracy", "accuracy"), ("accuracy_lenient", "any format"), ("format_rate", "format"))
-        rates = "  ".join(
-            f"{label} {result[k]:.1%} [{result[f'{k}_ci'][0]:.1%}, {result[f'{k}_ci'][1]:.1%}]"
-            for k, label in shown
-        )
-        print(
-            f"[eval {key}] {rates} (95% CI)  mean length {result['length_mean']:.1f} tokens  "
-            f"({result['n']} completions, {result['seconds']:.0f} s)"
-        )
-        return result
-
     # -- the run ----------------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         """Run the stages; the run folder's lock is freed when they end, however they end."""
@@ -393,34 +342,23 @@ class Run:
             policy = build_policy(recipe.model)
             if ckpt is not None and resumed_stage != "reward_model":
                 load_policy_weights(policy, ckpt / "policy")
-            self._eval("base", policy, tokenizer)
+            self.evals.run("base", policy, tokenizer)
             if recipe.sft.steps and resumed_stage != "rl":
                 self._run_sft(policy, tokenizer, state if resumed_stage == "sft" else None)
-                self._eval("sft", policy, tokenizer)
+                self.evals.run("sft", policy, tokenizer)
             if recipe.rl.steps:
                 self._run_rl(policy, tokenizer, state if resumed_stage == "rl" else None)
-                self._eval("rl", policy, tokenizer)
-        evals = self._evals()
+                self.evals.run("rl", policy, tokenizer)
+        evals = self.evals.done()
         summary = {k: {m: v[m] for m in ("accuracy", "format_rate", "length_mean")} for k, v in evals.items()}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.comparison = self._compare_stages(evals)
+        self.comparison = self.evals.compare_stages()
         self.metrics.close()
         return summary
 
-    def _compare_stages(self, evals: dict[str, Any]) -> dict[str, Any] | None:
-        """RL's held-out eval against the stage it started from (SFT, else the base model), paired over the same
-        prompts; written to comparison.json. None without an RL eval."""
-        if "rl" not in evals:
-            return None
-        before = "sft" if "sft" in evals else "base" if "base" in evals else None
-        if before is None:
-            return None
-        result = compare(
-            self.dir / evals[before]["completions_file"], self.dir / evals["rl"]["completions_file"]
-        )
-        result.update(a_stage=before, b_stage="rl")
-        (self.dir / "comparison.json").write_text(json.dumps(result, indent=2))
-        return result
+    def _stage_loop(self, tokenizer: Any) -> StageLoop:
+        """The loop that drives each stage; checkpoints save ``tokenizer`` beside the stage's model."""
+        return StageLoop(self.dir, self.metrics, self.checkpoints, tokenizer, self.recipe.run.checkpoint_every)
 
     def _run_sft(self, policy: PreTrainedModel, tokenizer: Any, state: dict[str, Any] | None) -> None:
         cfg, recipe = self.recipe.sft, self.recipe
@@ -443,35 +381,7 @@ class Run:
             cfg.grad_accum,
             logprob_backend(recipe.model.backend),
         )
-        start = 0
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            trainer.sampler.load_state_dict(state["sampler"])
-            set_rng_state(state["rng"])
-            start = state["step"]
-        self.metrics.truncate_after("sft", start)
-
-        def snapshot() -> dict[str, Any]:
-            return {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler": trainer.sampler.state_dict(),
-            }
-
-        with (
-            GracefulStop() as stop,
-            tqdm(
-                range(start + 1, cfg.steps + 1), desc="SFT", unit="step", initial=start, total=cfg.steps
-            ) as bar,
-        ):
-            for step in bar:
-                record = trainer.step(step)
-                self.metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if self._due(step, cfg.steps) or stop.requested:
-                    self.checkpoints.save("sft", step, policy, tokenizer, snapshot())
-                self._stop_if_asked(stop, "sft", step)
+        self._stage_loop(tokenizer).run(trainer, cfg.steps, self.hooks, state)
 
     def _run_reward_model(self, ckpt: Path | None, state: dict[str, Any] | None) -> None:
         """Train the reward model (from the checkpoint ``ckpt`` when resuming one of this stage) and save it to
@@ -496,42 +406,19 @@ class Run:
             recipe.run.seed,
             recipe.optim.max_grad_norm,
         )
-        start = 0
         if ckpt is not None and state is not None:
             load_policy_weights(model, ckpt / "reward_model")
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            trainer.sampler.load_state_dict(state["sampler"])
-            set_rng_state(state["rng"])
-            start = state["step"]
-        self.metrics.truncate_after("reward_model", start)
+        results: list[dict[str, Any]] = []
 
-        def snapshot() -> dict[str, Any]:
-            return {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler": trainer.sampler.state_dict(),
-            }
+        def evaluate(step: int) -> dict[str, Any]:
+            results.append(trainer.evaluate())
+            return results[-1]
 
-        result: dict[str, float] = {}
-        with (
-            GracefulStop() as stop,
-            tqdm(
-                range(start + 1, cfg.steps + 1), desc="RM", unit="step", initial=start, total=cfg.steps
-            ) as bar,
-        ):
-            for step in bar:
-                record = trainer.step(step)
-                if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                    result = trainer.evaluate()
-                    record.update(result)
-                self.metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if self._due(step, cfg.steps) or stop.requested:
-                    self.checkpoints.save("reward_model", step, model, tokenizer, snapshot(), "reward_model")
-                self._stop_if_asked(stop, "reward_model", step)
+        held_out_eval = HeldOutEval("reward_model", cfg.eval_every, cfg.steps, evaluate, at_last=True)
+        self._stage_loop(tokenizer).run(trainer, cfg.steps, [held_out_eval], state)
         folder = self.dir / "reward_model"
         save_reward_model(model, tokenizer, folder)
+        result = results[-1] if results else {}
         held = (
             f"held-out pairwise accuracy {result['eval/accuracy']:.1%} ({result['eval/n']} rows); "
             if "eval/accuracy" in result
@@ -539,26 +426,14 @@ class Run:
         )
         print(f"[incentive] reward model: {held}saved to {folder} (the path of a reward_model reward)")
 
-    def _stop_if_asked(self, stop: GracefulStop, stage: str, step: int) -> None:
-        if stop.requested:
-            raise StopRequested(
-                f"stopped by {stop.requested} after {stage} step {step} (checkpoint saved); "
-                f"continue with: incentive train <recipe> --run-dir {self.dir} --resume"
-            )
-
-    def _due(self, step: int, last: int) -> bool:
-        every = self.recipe.run.checkpoint_every
-        return step == last or bool(every and step % every == 0)
-
     def _run_rl(self, policy: PreTrainedModel, tokenizer: Any, state: dict[str, Any] | None) -> None:
         recipe = self.recipe
         optimizer = build_optimizer(trainable_parameters(policy), recipe.optim)
         scheduler = build_scheduler(optimizer, recipe.optim, recipe.rl.steps)
         proxy = self._build_proxy(policy)
-        views: dict[str, Any] = {"policy": _view(policy)}
+        views: dict[str, Any] = {"policy": model_view(policy)}
         if proxy is not None:
             views["proxy"] = proxy.view
-        reference = self._build_reference(policy, proxy)
         parts = RLParts(
             policy=policy,
             tokenizer=tokenizer,
@@ -571,98 +446,19 @@ class Run:
             scheduler=scheduler,
             sampler=EpochSampler(self.train_examples, recipe.run.seed),
             scorer=ModelScorer(views, recipe.rl.micro_batch_tokens, logprob_backend(recipe.model.backend)),
-            reference=reference,
+            reference=self._build_reference(policy, proxy),
             strategy=self.strategy,
             critic=self._build_critic(policy),
         )
-        trainer = RLTrainer(recipe, parts)
-        start = 0
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            parts.sampler.load_state_dict(state["sampler"])
-            trainer.group_counter = state["group_counter"]
-            trainer.state.update(state.get("shared_state", {}))  # absent in checkpoints older than hooks
-            for hook, hook_state in zip(self.hooks, state.get("hooks", [{}] * len(self.hooks)), strict=True):
-                hook.load_state_dict(hook_state)
-            if proxy is not None:
-                proxy.load_state_dict(state["proxy"])
-            if parts.critic is not None:
-                if state.get("critic") is None:
-                    raise RunError(
-                        f"--resume: the checkpoint in {self.dir} holds no critic, but the recipe has one; resume "
-                        "with the recipe the run started with"
-                    )
-                parts.critic.load_state_dict(state["critic"])
-            set_rng_state(state["rng"])
-            start = state["step"]
-        else:
-            for hook in self.hooks:
-                hook.start(trainer)
-        self.metrics.truncate_after("rl", start)
+        hooks = [ProxySync(proxy, recipe.proxy.sync_every, recipe.proxy.alpha)] if proxy is not None else []
+        hooks += self.hooks
 
-        def snapshot() -> dict[str, Any]:
-            return {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler": parts.sampler.state_dict(),
-                "group_counter": trainer.group_counter,
-                "shared_state": trainer.state,
-                "hooks": [hook.state_dict() for hook in self.hooks],
-                "proxy": proxy.state_dict() if proxy is not None else None,
-                "critic": parts.critic.state_dict() if parts.critic is not None else None,
-                "elapsed": elapsed,
-            }
+        def evaluate(step: int) -> dict[str, Any]:
+            result = self.evals.run(f"rl-step{step}", policy, tokenizer)
+            return {"eval/accuracy": result["accuracy"]} if result else {}
 
-        steps, budget = recipe.rl.steps, recipe.rl.time_budget_s
-        elapsed = state["elapsed"] if state is not None else 0.0
-        with (
-            GracefulStop() as stop,
-            tqdm(range(start + 1, steps + 1), desc="RL", unit="step", initial=start, total=steps) as bar,
-        ):
-            trainer.droppable = stop.droppable
-            for step in bar:
-                before = (parts.sampler.state_dict(), trainer.group_counter, rng_state())
-                try:
-                    record = trainer.step(step)
-                except (TooManyFailures, StepDropped) as err:
-                    parts.sampler.load_state_dict(before[0])
-                    trainer.group_counter = before[1]
-                    set_rng_state(before[2])
-                    saved = self.checkpoints.save("rl", step - 1, policy, tokenizer, snapshot())
-                    if isinstance(err, StepDropped):
-                        raise StopRequested(
-                            f"stopped by {err} during rl step {step}, which was dropped (checkpoint {saved.name} "
-                            f"holds the run as it was before it); continue with: incentive train <recipe> "
-                            f"--run-dir {self.dir} --resume"
-                        ) from None
-                    raise TooManyFailures(
-                        f"{err}\n  checkpoint {saved.name} holds the run as it was before this step; after fixing "
-                        f"the cause, retry the step with: incentive train <recipe> --run-dir {self.dir} --resume"
-                    ) from err
-                elapsed += record["time/generate_s"] + record["time/reward_s"] + record["time/train_s"]
-                record["time/rl_elapsed_s"] = elapsed
-                out_of_time = budget is not None and elapsed >= budget
-                if proxy is not None and recipe.proxy.sync_every and step % recipe.proxy.sync_every == 0:
-                    proxy.sync(recipe.proxy.alpha)
-                    record["proxy/synced"] = 1
-                for hook in self.hooks:
-                    hook.after_step(step, record, trainer)
-                if recipe.eval.every and step % recipe.eval.every == 0 and step != steps:
-                    result = self._eval(f"rl-step{step}", policy, tokenizer)
-                    if result:
-                        record["eval/accuracy"] = result["accuracy"]
-                self.metrics.write(record)
-                bar.set_postfix(
-                    reward=f"{record.get('reward/mean', float('nan')):.3f}",
-                    len=f"{record.get('length/mean', 0):.0f}",
-                )
-                if self._due(step, steps) or stop.requested or out_of_time:
-                    self.checkpoints.save("rl", step, policy, tokenizer, snapshot())
-                self._stop_if_asked(stop, "rl", step)
-                if out_of_time:
-                    print(f"[incentive] RL time budget of {budget:.0f} s used up after step {step}")
-                    break
+        hooks.append(HeldOutEval("rl", recipe.eval.every, recipe.rl.steps, evaluate))
+        self._stage_loop(tokenizer).run(RLTrainer(recipe, parts), recipe.rl.steps, hooks, state)
 
     def _build_critic(self, policy: PreTrainedModel) -> Critic | None:
         """PPO's critic (its weights, optimizer and schedule travel in the RL checkpoints' trainer.pt)."""
@@ -688,45 +484,13 @@ class Run:
         return make_proxy(policy, "ema" if cfg.sync_every else "frozen", cfg.lora_sync)
 
     def _build_reference(self, policy: PreTrainedModel, proxy: Any) -> Any:
-        """The KL anchor: the proxy, or the policy as RL first started (after any SFT), written to the run folder
-        then so that a resumed run anchors to the same model. LoRA keeps a frozen copy of the adapter only. Built
-        for a KL penalty, or for an estimator that needs reference logprobs."""
+        """The KL anchor: the proxy, or the policy as RL first started. Built for a KL penalty, or for an
+        estimator that needs reference logprobs."""
         if self.recipe.loss.kl_beta == 0 and "reference_logprobs" not in self.estimator.needs:
             return None
         if self.recipe.loss.kl_reference == "proxy":
             return proxy.view
-        path = self.dir / "rl-reference"
-        if is_lora(policy):
-            return self._lora_reference(policy, path)
-        if not path.exists():
-            tmp = self.dir / ".rl-reference.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            policy.save_pretrained(tmp)
-            tmp.replace(path)
-        reference = build_policy(self.recipe.model.model_copy(update={"lora": None}))
-        load_policy_weights(reference, path)
-        reference.eval().requires_grad_(False)
-        return _view(reference)
-
-    def _lora_reference(self, policy: PreTrainedModel, path: Path) -> Any:
-        """A frozen snapshot of the adapter (the proxy's machinery), applied on the shared base weights in its view:
-        a few MB, where a full copy would double the model. An adapter still at its init (no SFT, B = 0) is the base
-        model, run with the adapter off."""
-        from incentive.proxy import LoraProxy
-
-        snapshot = LoraProxy(policy, "frozen")
-        file = path / "adapter_snapshot.safetensors"
-        if file.exists():
-            snapshot.load_state_dict(load_file(file))
-        else:
-            tmp = self.dir / ".rl-reference.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_file({k: v.contiguous() for k, v in snapshot.state_dict().items()}, tmp / file.name)
-            tmp.replace(path)
-        if snapshot.saved or any(b.any() for b in snapshot.B.values()):
-            return snapshot.view
-        return _adapter_off(policy)
+        return initial_reference(policy, self.recipe.model, self.dir)
 
 
 def _build(registry: Registry[Any], kind: str, name: str, args: dict[str, Any]) -> Any:
@@ -735,22 +499,3 @@ def _build(registry: Registry[Any], kind: str, name: str, args: dict[str, Any]) 
         return registry.get(name)(**args)
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{kind} '{name}': {err}") from err
-
-
-def _adapter_off(policy: PreTrainedModel) -> Any:
-    """The LoRA policy with its adapter switched off: the base model, at no extra memory."""
-
-    @contextmanager
-    def view() -> Iterator[PreTrainedModel]:
-        with policy.disable_adapter():
-            yield policy
-
-    return view
-
-
-def _view(model: PreTrainedModel) -> Any:
-    @contextmanager
-    def view() -> Iterator[PreTrainedModel]:
-        yield model
-
-    return view

@@ -25,6 +25,7 @@ from incentive.models.fused_norm import use_fused_rms_norm
 from incentive.models.loading import resolve
 from incentive.models.lora import is_lora
 from incentive.training.sampler import EpochSampler
+from incentive.training.stage import Stage
 
 T = TypeVar("T")
 
@@ -184,9 +185,13 @@ def save_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     tmp.replace(folder)
 
 
-class RewardModelTrainer:
+class RewardModelTrainer(Stage):
     """Optimizer steps of the reward model's objective on batches of ``batch_size`` training items (pairs or
     labelled completions), and its loss and pairwise accuracy on the held-out items."""
+
+    name = "reward_model"
+    label = "RM"
+    folder = "reward_model"
 
     def __init__(
         self,

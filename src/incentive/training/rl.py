@@ -7,7 +7,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +33,12 @@ from incentive.training.batch import TrainingBatch, pad
 from incentive.training.critic import Critic
 from incentive.training.metrics import summarize
 from incentive.training.sampler import EpochSampler
+from incentive.training.stage import Stage, StageStateMismatch, StepFailed
 
 ModelView = Callable[[], AbstractContextManager[PreTrainedModel]]
 
 
-class TooManyFailures(RuntimeError):
+class TooManyFailures(StepFailed):
     """More of a batch failed its rewards than the recipe tolerates."""
 
 
@@ -63,12 +64,17 @@ class RLParts:
     """How each example's group is sampled (``rollout`` in the recipe)."""
 
 
-class RLTrainer:
+class RLTrainer(Stage):
     """GRPO-family trainer; the estimator, loss and rewards are whatever the recipe names."""
+
+    name = "rl"
+    label = "RL"
 
     def __init__(self, recipe: Recipe, parts: RLParts) -> None:
         self.recipe = recipe
         self.p = parts
+        self.model, self.optimizer, self.scheduler = parts.policy, parts.optimizer, parts.scheduler
+        self.sampler = parts.sampler
         gen = recipe.generation
         self.params = SamplingParams(
             gen.num_generations, gen.max_new_tokens, gen.temperature, gen.top_p, gen.min_new_tokens
@@ -80,9 +86,8 @@ class RLTrainer:
         """Judges the logged completions after the fact, whatever the rewards are."""
         self.state: dict[str, Any] = {}
         """Shared with hooks and rewards (``RewardContext.state``); saved in checkpoints."""
-        self.droppable: Callable[[], AbstractContextManager[Any]] = nullcontext
-        """Wraps a step's rollouts and rewards, which a run may drop on a stop request (GracefulStop.droppable):
-        they change only the sampler, group counter and RNG, which the run restores."""
+        self.elapsed = 0.0
+        """Seconds of rollout, reward and update so far (``rl.time_budget_s`` counts them)."""
 
     def step(self, step: int) -> dict[str, Any]:
         """Run one step and return its metrics record."""
@@ -90,7 +95,10 @@ class RLTrainer:
         times = {"generate": 0.0, "reward": 0.0}
         sampling: dict[str, float] = {}
         update = True
+        # a stop request may drop the rollouts and rewards: they move only what position() saves
         with self.droppable():
+            for hook in self.hooks:
+                hook.before_rollout(step, self)
             examples = p.sampler.take(self.recipe.generation.prompts_per_step)
             batch, scored = self._rollout(step, examples, times)
             if rl.dynamic_sampling.enabled:
@@ -99,6 +107,8 @@ class RLTrainer:
                 update = len(kept) > 0
                 if update:
                     batch, scored = kept, kept_scores
+            for hook in self.hooks:
+                hook.after_rewards(step, batch, scored, self)
         lr = p.scheduler.get_last_lr()[0]  # the rate this step's update uses; the scheduler steps past it
         t0 = time.perf_counter()
         training = TrainingBatch.from_rollouts(batch, scored.total, rl.mask_truncated)
@@ -112,7 +122,49 @@ class RLTrainer:
         record = self._record(
             step, batch, scored, advantages, train_stats, times["generate"], times["reward"], t_train
         )
-        return {**record, "lr": lr, **sampling, **critic_stats}
+        self.elapsed += times["generate"] + times["reward"] + t_train
+        return {**record, "lr": lr, **sampling, **critic_stats, "time/rl_elapsed_s": self.elapsed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "group_counter": self.group_counter,
+            "shared_state": self.state,
+            "critic": self.p.critic.state_dict() if self.p.critic is not None else None,
+            "elapsed": self.elapsed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.group_counter = state["group_counter"]
+        self.state.update(state["shared_state"])
+        self.elapsed = state["elapsed"]
+        if self.p.critic is not None:
+            if state.get("critic") is None:
+                raise StageStateMismatch(
+                    "the checkpoint holds no critic, but the recipe has one; resume with the recipe the run "
+                    "started with"
+                )
+            self.p.critic.load_state_dict(state["critic"])
+
+    def position(self) -> Any:
+        return super().position(), self.group_counter
+
+    def rewind(self, position: Any) -> None:
+        base, self.group_counter = position
+        super().rewind(base)
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {
+            "reward": f"{record.get('reward/mean', float('nan')):.3f}",
+            "len": f"{record.get('length/mean', 0):.0f}",
+        }
+
+    def ends_early(self) -> str | None:
+        budget = self.recipe.rl.time_budget_s
+        if budget is not None and self.elapsed >= budget:
+            return f"RL time budget of {budget:.0f} s used up"
+        return None
 
     def _rollout(
         self, step: int, examples: Sequence[Example], times: dict[str, float]

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from incentive.logprob_backends import Fused, LogprobBackend
 from incentive.logprobs import plan_batches
 from incentive.training.sampler import EpochSampler
+from incentive.training.stage import Stage
 
 
 class SplitsResponses(Protocol):
@@ -50,11 +51,14 @@ class ObservationMaskingEncoder(TargetEncoder):
         return ids + self.eos, mask + [1.0] * len(self.eos)
 
 
-class SFTTrainer:
+class SFTTrainer(Stage):
     """Token-mean negative log-likelihood of the target (EOS included), accumulated over micro-batches: each
     optimizer step takes ``grad_accum`` batches of ``batch_size``, run one after another (each cut further by
     token budget) and weighed by the tokens of all of them, so the step equals one batch ``grad_accum`` times as
     large."""
+
+    name = "sft"
+    label = "SFT"
 
     def __init__(
         self,
@@ -71,7 +75,7 @@ class SFTTrainer:
         grad_accum: int = 1,
         backend: LogprobBackend | None = None,
     ) -> None:
-        self.policy = policy
+        self.model = policy
         self.backend = backend or Fused()
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -94,7 +98,7 @@ class SFTTrainer:
         masks = [torch.tensor(m) for _, _, m in batch]
         n_tokens = int(sum(float(m.sum()) for m in masks))
         total = 0.0
-        self.policy.train()
+        self.model.train()
 
         def loss_of(rows: list[int], logps: list[torch.Tensor]) -> torch.Tensor:
             weighted = torch.cat([lp * masks[i] for lp, i in zip(logps, rows, strict=True)])
@@ -104,7 +108,7 @@ class SFTTrainer:
             part = slice(first, first + self.batch_size)
             for chunk in plan_batches(contexts[part], targets[part], self.micro_batch_tokens):
                 rows = [first + i for i in chunk]
-                total += self.backend.backward(self.policy, contexts, targets, rows, loss_of)
+                total += self.backend.backward(self.model, contexts, targets, rows, loss_of)
         params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
         if torch.isfinite(norm):

@@ -145,3 +145,19 @@ def test_proxy_sync_is_a_hook_whose_state_is_the_proxy(tmp_path):
     proxy_state, *others = state["hooks"]
     assert others == [{}, {}]  # the event log, the held-out eval
     assert proxy_state and all(isinstance(v, torch.Tensor) for v in proxy_state.values())
+
+
+def test_eval_stages_pick_the_stage_end_evals(tmp_path):
+    evals = (
+        "eval: {data: {source: task:chain_sum, size: 3, seed: 9, task_args: {min_terms: 2, max_terms: 2, "
+        "min_digits: 1, max_digits: 1}}, max_new_tokens: 4, stages: [sft, rl]}\n"
+    )
+    run = Run(load_recipe(write(tmp_path, evals)), tmp_path / "run")
+    run.execute()
+    done = json.loads((tmp_path / "run" / "evals.json").read_text())
+    assert sorted(done) == ["rl", "sft"]
+    assert run.comparison is not None and run.comparison["a_stage"] == "sft"
+    only_rl = Run(load_recipe(write(tmp_path, evals.replace("[sft, rl]", "[rl]"))), tmp_path / "rl-only")
+    only_rl.execute()
+    assert sorted(json.loads((tmp_path / "rl-only" / "evals.json").read_text())) == ["rl"]
+    assert only_rl.comparison is None  # nothing to pair RL with

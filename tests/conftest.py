@@ -1,4 +1,5 @@
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -48,3 +49,27 @@ def kernels(request, monkeypatch):
     if build.kernel_ops() is None:
         pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
     return True
+
+
+@pytest.fixture
+def crash_at(monkeypatch):
+    """``with crash_at(Trainer, n): run.execute()``: ``Trainer.step`` raises KeyboardInterrupt (a simulated kill)
+    when it reaches step ``n``; the block expects that interrupt, and the method is restored after it."""
+
+    @contextmanager
+    def crashing(trainer_class, at):
+        original = trainer_class.step
+
+        def step(self, step):
+            if step == at:
+                raise KeyboardInterrupt("simulated crash")
+            return original(self, step)
+
+        monkeypatch.setattr(trainer_class, "step", step)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(trainer_class, "step", original)
+
+    return crashing

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from incentive.config import load_recipe
 from incentive.data import Example
 from incentive.hooks import HOOKS, Hook
@@ -163,24 +161,13 @@ def records(run_dir):
     return [json.loads(x) for x in lines if '"rl"' in x]
 
 
-def test_hook_state_survives_checkpoint_and_resume(tmp_path):
+def test_hook_state_survives_checkpoint_and_resume(tmp_path, crash_at):
     path = tmp_path / "r.yaml"
     path.write_text(
         RECIPE + "hooks: [{name: test-counter}, {name: laser_monitor, args: {every: 2, size: 3}}]\n"
     )
-    original = RLTrainer.step
-
-    def crash_at_three(self, step):
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step)
-
-    RLTrainer.step = crash_at_three
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            Run(load_recipe(path), tmp_path / "run").execute()
-    finally:
-        RLTrainer.step = original
+    with crash_at(RLTrainer, 3):
+        Run(load_recipe(path), tmp_path / "run").execute()
     Run(load_recipe(path), tmp_path / "run", resume=True).execute()
     got = records(tmp_path / "run")
     assert [r["step"] for r in got] == [1, 2, 3, 4]

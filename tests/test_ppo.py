@@ -279,22 +279,13 @@ def comparable(record):
     ["{model: policy_head}", "{model: separate, lora: {r: 4}, lr: 1.0e-3}"],
     ids=["head", "separate-lora"],
 )
-def test_resume_after_a_crash_continues_the_critic_exactly(tmp_path, monkeypatch, critic):
+def test_resume_after_a_crash_continues_the_critic_exactly(tmp_path, crash_at, critic):
     body = f"advantage: {{name: gae}}\ncritic: {critic}\nrl: {{steps: 3, num_iterations: 2}}\noptim: {{lr: 1.0e-3}}\nrun: {{checkpoint_every: 1}}\n"
     small = ["generation.prompts_per_step=4"]
     full = make_run(tmp_path, body, small, name="full")
     full.execute()
-    original = RLTrainer.step
-
-    def crash_at_two(self, step):
-        if step == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step)
-
-    monkeypatch.setattr(RLTrainer, "step", crash_at_two)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at(RLTrainer, 2):
         make_run(tmp_path, body, small, name="crashed").execute()
-    monkeypatch.setattr(RLTrainer, "step", original)
     crashed = make_run(tmp_path, body, small, name="crashed", resume=True)
     crashed.execute()
 

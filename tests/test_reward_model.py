@@ -239,7 +239,7 @@ def test_lora_reward_model_is_saved_merged(tmp_path):
 
 
 @pytest.mark.parametrize("lora", ["", "lora: {r: 4}, "])
-def test_resume_after_a_crash_in_the_stage_matches_an_uninterrupted_run(tmp_path, monkeypatch, lora):
+def test_resume_after_a_crash_in_the_stage_matches_an_uninterrupted_run(tmp_path, crash_at, lora):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(24, seed=3))
     stage = f"{{steps: 5, batch_size: 4, lr: 1.0e-3, eval_every: 2, {lora}data: {{source: {data}}}}}"
     path = recipe_file(tmp_path, stage, "run: {checkpoint_every: 1}\n")
@@ -249,17 +249,8 @@ def test_resume_after_a_crash_in_the_stage_matches_an_uninterrupted_run(tmp_path
         return tmp_path / name
 
     full = run("full")
-    original = RewardModelTrainer.step
-
-    def crash_at_four(self, step):
-        if step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step)
-
-    monkeypatch.setattr(RewardModelTrainer, "step", crash_at_four)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at(RewardModelTrainer, 4):
         run("crashed")
-    monkeypatch.setattr(RewardModelTrainer, "step", original)
     crashed = run("crashed", resume=True)
 
     def comparable(record):

@@ -85,21 +85,10 @@ def test_hooks_hear_every_event_of_both_stages_in_order(tmp_path):
     assert [r["log/events"] for r in logged if "log/events" in r] == [2, 3, 8, 11, 15]
 
 
-def test_a_resumed_stage_restores_instead_of_starting(tmp_path):
+def test_a_resumed_stage_restores_instead_of_starting(tmp_path, crash_at):
     path = write(tmp_path)
-    original = RLTrainer.step
-
-    def crash_at_three(self, step):
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step)
-
-    RLTrainer.step = crash_at_three
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            Run(load_recipe(path), tmp_path / "run").execute()
-    finally:
-        RLTrainer.step = original
+    with crash_at(RLTrainer, 3):
+        Run(load_recipe(path), tmp_path / "run").execute()
     EVENTS.clear()
     Run(load_recipe(path), tmp_path / "run", resume=True).execute()
     assert ("start", "rl") not in EVENTS

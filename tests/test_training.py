@@ -70,7 +70,7 @@ def comparable(record):
 
 
 @pytest.mark.parametrize("extra", ["", "model: {name: tiny-random, lora: {r: 4}}\nloss: {kl_beta: 0.05}\n"])
-def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, monkeypatch, extra):
+def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, crash_at, extra):
     body = extra + "sft: {steps: 2, batch_size: 2, data: {source: task:chain_sum, size: 8}}\n"
     body += "rl: {steps: 4, num_iterations: 2}\noptim: {lr: 1.0e-3}\nrun: {checkpoint_every: 1}\n"
     if "loss" not in extra:
@@ -78,18 +78,9 @@ def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, monkeypatch, 
     full = make_run(tmp_path, body, name="full")
     full.execute()
 
-    original = RLTrainer.step
-
-    def crash_at_three(self, step):
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step)
-
-    monkeypatch.setattr(RLTrainer, "step", crash_at_three)
     crashed = make_run(tmp_path, body, name="crashed")
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at(RLTrainer, 3):
         crashed.execute()
-    monkeypatch.setattr(RLTrainer, "step", original)
     make_run(tmp_path, body, name="crashed", resume=True).execute()
 
     a, b = rl_records(full.dir), rl_records(crashed.dir)

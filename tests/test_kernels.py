@@ -3,6 +3,7 @@ embedding (exactly), hand-computed cases, determinism, and a clean fallback wher
 
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -543,3 +544,26 @@ def test_rotary_rejects_what_it_does_not_compute():
         op("rotary_forward")(x, torch.ones(3, 4), torch.ones(3, 4))
     with pytest.raises(RuntimeError, match="float32 CPU"):
         op("rotary_backward")(x.double(), table.double(), table.double())
+
+
+def test_checkouts_of_the_same_sources_compile_the_same_files(tmp_path, monkeypatch):
+    """Two checkouts of the same kernels (other paths, same bytes) stage them to the same files of the shared
+    build folder, so their build files match and neither rebuilds the other's library; a source that changes is
+    staged anew."""
+    other = tmp_path / "other-checkout"
+    other.mkdir()
+    for source in build.SOURCES + build.HEADERS:
+        shutil.copyfile(source, other / source.name)
+    folder = tmp_path / "build"
+    folder.mkdir()
+    first = build.staged_sources(folder)
+    monkeypatch.setattr(build, "SOURCES", tuple(other / s.name for s in build.SOURCES))
+    monkeypatch.setattr(build, "HEADERS", tuple(other / h.name for h in build.HEADERS))
+    assert build.staged_sources(folder) == first
+    assert all(path.parent == folder / "src" for path in first)
+    staged = sorted(path.name for path in (folder / "src").iterdir())
+    assert staged == sorted(path.name for path in build.SOURCES + build.HEADERS)
+    header = other / build.HEADERS[0].name
+    header.write_text(header.read_text() + "\n// changed\n")
+    build.staged_sources(folder)
+    assert (folder / "src" / header.name).read_text().endswith("// changed\n")

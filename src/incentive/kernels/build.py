@@ -105,7 +105,7 @@ def _build() -> Any:
             log.info("compiling the incentive kernels into %s (once per machine, ~30 s)", folder)
         load(
             name=f"incentive_kernels_{folder.name}",
-            sources=[str(s) for s in SOURCES],
+            sources=[str(s) for s in staged_sources(folder)],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
@@ -113,6 +113,21 @@ def _build() -> Any:
             verbose=False,
         )
     return torch.ops.incentive_kernels
+
+
+def staged_sources(folder: Path) -> list[Path]:
+    """The sources copied into the build folder (headers beside them), compiled from there: every checkout of the
+    same sources then writes the same build file, where compiling each checkout's own paths would make them
+    rebuild the shared library in turn."""
+    staged = folder / "src"
+    staged.mkdir(exist_ok=True)
+    for source in SOURCES + HEADERS:
+        copy = staged / source.name
+        if not copy.exists() or copy.read_bytes() != source.read_bytes():
+            tmp = staged / f".{source.name}.{os.getpid()}.tmp"
+            shutil.copyfile(source, tmp)
+            tmp.replace(copy)
+    return [staged / source.name for source in SOURCES]
 
 
 def build_folder() -> Path:

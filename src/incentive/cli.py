@@ -232,6 +232,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from incentive.analysis.data_cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="incentive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -340,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding metrics.jsonl")
     report.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/report, or ./report)")
     report.set_defaults(func=cmd_report)
+
+    from incentive.analysis.data_cli import add_parser as add_data_stats
+
+    add_data_stats(sub, cmd_data_stats)
+
+    from incentive.analysis.subspace_cli import add_parser as add_subspaces
+
+    analyze = sub.add_parser("analyze", help="measurements on checkpoints (subspaces: safety-subspace overlap)")
+    add_subspaces(analyze.add_subparsers(dest="tool", required=True, metavar="TOOL"))
 
     rec = sub.add_parser("recipes", help="list bundled recipes")
     rec.set_defaults(func=cmd_recipes)

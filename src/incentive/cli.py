@@ -356,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="measurements on checkpoints (subspaces: safety-subspace overlap)")
     add_subspaces(analyze.add_subparsers(dest="tool", required=True, metavar="TOOL"))
 
+    from incentive.control.cli import add_parser as add_control
+
+    add_control(sub)
+
+    from incentive.geter.cli import add_parser as add_geter
+
+    add_geter(sub)
+
     rec = sub.add_parser("recipes", help="list bundled recipes")
     rec.set_defaults(func=cmd_recipes)
     return parser

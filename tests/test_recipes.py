@@ -132,6 +132,8 @@ def test_recipes_command_lists_descriptions(capsys):
     for path in RECIPES:
         assert path.stem in out
     assert "NOVER" in out
+    # the other commands' recipes, named with their command
+    assert "hcrmp (incentive control)" in out and "geter (incentive geter)" in out
 
 
 def test_train_with_unknown_key_exits_2_with_message(tmp_path, capsys):

@@ -226,9 +226,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     import yaml
 
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+    # recipes of the other commands sit in a folder named for theirs (recipes/control: incentive control ...)
+    for path in sorted(RECIPES_DIR.glob("*.yaml")) + sorted(RECIPES_DIR.glob("*/*.yaml")):
         description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
-        print(f"{path.stem:<24} {description.strip().splitlines()[0] if description else ''}")
+        name = path.stem if path.parent == RECIPES_DIR else f"{path.stem} (incentive {path.parent.name})"
+        print(f"{name:<24} {description.strip().splitlines()[0] if description else ''}")
     return 0
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -585,6 +585,7 @@ class ConfigError(ValueError):
 
 Loc = tuple[str | int, ...]
 """Where in a config a pydantic error points: keys and list indices."""
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def load_yaml(text: str, source: str) -> Any:
@@ -642,38 +643,57 @@ def read_recipe(path: Path) -> dict[str, Any]:
     return tree
 
 
+class RecipeTree:
+    """A recipe file read as a tree, with ``--set`` overrides applied on it; it remembers which override set
+    what, so that a validation error names where its value came from (the file, or the ``--set``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.tree = read_recipe(self.path)
+        self.applied: list[tuple[list[str], str]] = []
+
+    def override(self, overrides: Sequence[str]) -> None:
+        """Apply ``key.path=value`` overrides in order."""
+        for text in overrides:
+            keys, value = parse_override(text)
+            apply_override(self.tree, keys, value)
+            self.applied.append((keys, text))
+
+    def origin(self, loc: Loc) -> str:
+        """The last --set that replaced ``loc`` or a section above it, else the file and any --set below."""
+        at = [str(part) for part in loc]
+        setting = [text for keys, text in self.applied if at[: len(keys)] == keys]
+        if setting:
+            return f"--set {setting[-1]}"
+        below = [f"--set {text}" for keys, text in self.applied if keys[: len(at)] == at]
+        return " and ".join([str(self.path), *below])
+
+    def validate(self, model: type[ModelT], context: dict[str, Any] | None = None) -> ModelT:
+        """The tree as ``model``; a problem is one ConfigError line."""
+        try:
+            return model.model_validate(self.tree, context=context)
+        except ValidationError as err:
+            raise ConfigError(explain(err, model, self.origin)) from err
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply overrides, import its plugins, validate everything (before any model is loaded).
     Plugin paths are relative to the recipe's folder, or to the current folder where ``--set imports=...`` gave
     them."""
-    path = Path(path)
-    tree = read_recipe(path)
-    sources = recipe_sources(tree)
-    applied = []
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        apply_override(tree, keys, value)
-        applied.append((keys, text))
-    for note in follow_source_overrides(tree, sources, [keys for keys, _ in applied]):
+    recipe = RecipeTree(path)
+    sources = recipe_sources(recipe.tree)
+    recipe.override(overrides or [])
+    set_keys = [keys for keys, _ in recipe.applied]
+    for note in follow_source_overrides(recipe.tree, sources, set_keys):
         print(f"[incentive] {note}")
-
-    def origin(loc: Loc) -> str:
-        """The last --set that replaced ``loc`` or a section above it, else the file and any --set below."""
-        at = [str(part) for part in loc]
-        setting = [text for keys, text in applied if at[: len(keys)] == keys]
-        if setting:
-            return f"--set {setting[-1]}"
-        below = [f"--set {text}" for keys, text in applied if keys[: len(at)] == at]
-        return " and ".join([str(path), *below])
-
-    from_set = any(keys[0] == "imports" for keys, _ in applied)
-    context = {"recipe_dir": Path.cwd() if from_set else path.resolve().parent}
-    try:
-        if "imports" in tree:
-            Plugins.model_validate({"imports": tree["imports"]}, context=context)
-        return Recipe.model_validate(tree, context=context)
-    except ValidationError as err:
-        raise ConfigError(explain(err, Recipe, origin)) from err
+    from_set = any(keys[0] == "imports" for keys in set_keys)
+    context = {"recipe_dir": Path.cwd() if from_set else recipe.path.resolve().parent}
+    if "imports" in recipe.tree:
+        try:
+            Plugins.model_validate({"imports": recipe.tree["imports"]}, context=context)
+        except ValidationError as err:
+            raise ConfigError(explain(err, Recipe, recipe.origin)) from err
+    return recipe.validate(Recipe, context)
 
 
 def dotted(loc: Loc) -> str:

@@ -5,16 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from incentive.config import (
-    ConfigError,
-    Loc,
+    RecipeTree,
     Strict,
-    apply_override,
-    explain,
-    parse_override,
-    read_recipe,
     registered,
 )
 
@@ -171,20 +166,6 @@ class ControlRecipe(Strict):
 
 def load_control_recipe(path: str | Path, overrides: list[str] | None = None) -> ControlRecipe:
     """The recipe file with ``--set key=value`` overrides applied, validated; a problem is one ConfigError line."""
-    path = Path(path)
-    tree = read_recipe(path)
-    applied: list[tuple[list[str], str]] = []
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        apply_override(tree, keys, value)
-        applied.append((keys, text))
-
-    def origin(loc: Loc) -> str:
-        at = [str(part) for part in loc]
-        setting = [text for keys, text in applied if at[: len(keys)] == keys]
-        return f"--set {setting[-1]}" if setting else str(path)
-
-    try:
-        return ControlRecipe.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(explain(err, ControlRecipe, origin)) from err
+    recipe = RecipeTree(path)
+    recipe.override(overrides or [])
+    return recipe.validate(ControlRecipe)

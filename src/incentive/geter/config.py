@@ -5,18 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from incentive.config import (
-    ConfigError,
-    Loc,
     LoraConfig,
     OptimConfig,
+    RecipeTree,
     Strict,
-    apply_override,
-    explain,
-    parse_override,
-    read_recipe,
 )
 from incentive.geter.events import NOISE, RULES
 
@@ -112,23 +107,6 @@ class GeterConfig(Strict):
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> GeterConfig:
     """Read a GETER recipe, apply ``--set`` overrides, validate; a problem is a one-line ConfigError."""
-    path = Path(path)
-    tree = read_recipe(path)
-    applied = []
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        apply_override(tree, keys, value)
-        applied.append((keys, text))
-
-    def origin(loc: Loc) -> str:
-        """The last --set that replaced ``loc`` or a section above it, else the file and any --set below."""
-        at = [str(part) for part in loc]
-        setting = [text for keys, text in applied if at[: len(keys)] == keys]
-        if setting:
-            return f"--set {setting[-1]}"
-        return " and ".join([str(path), *(f"--set {text}" for keys, text in applied if keys[: len(at)] == at)])
-
-    try:
-        return GeterConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(explain(err, GeterConfig, origin)) from err
+    recipe = RecipeTree(path)
+    recipe.override(overrides or [])
+    return recipe.validate(GeterConfig)

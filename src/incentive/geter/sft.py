@@ -3,7 +3,6 @@ assistant's tokens only; and greedy answers with the graph token, for the eval."
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from incentive.models.soft_prefix import (
     masked_nll,
     prefixed_logits,
 )
+from incentive.training.optim import clipped_step
 from incentive.training.sampler import EpochSampler
 
 
@@ -69,11 +69,7 @@ class GeterSFT:
         total, count = masked_nll(prefixed_logits(self.policy, batch, batch.loss_columns()), batch.labels)
         loss = total / count
         loss.backward()
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
-        if torch.isfinite(norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = clipped_step(self.optimizer, self.max_grad_norm)
         self.scheduler.step()
         return {
             "stage": "sft",

@@ -4,7 +4,6 @@ the scalar head reads the last hidden state at the position whose logits predict
 
 from __future__ import annotations
 
-import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from incentive.losses import clipped_value_loss
 from incentive.models import load_model
 from incentive.models.lora import base_model
 from incentive.training.batch import TrainingBatch, pad
-from incentive.training.optim import build_optimizer, build_scheduler
+from incentive.training.optim import build_optimizer, build_scheduler, clipped_step
 
 
 def last_hidden(
@@ -236,13 +235,7 @@ class Critic:
         return {}
 
     def _optimizer_step(self) -> float:
-        params = [q for q in self.params.values() if q.grad is not None]
-        max_norm = self.cfg.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
-        if torch.isfinite(norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return clipped_step(self.optimizer, self.cfg.max_grad_norm)
 
     def state_dict(self) -> dict[str, Any]:
         """Weights (the trainable ones), optimizer and schedule: what a resumed run needs to continue exactly."""

@@ -9,6 +9,18 @@ import torch
 from incentive.config import OptimConfig
 
 
+def clipped_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
+    """Clip the gradients of the optimizer's parameters to ``max_grad_norm`` (None or 0: no clipping), step only
+    where their norm is finite (a batch with NaN or inf leaves the weights as they are), then clear them; returns
+    the norm before clipping."""
+    params = [q for group in optimizer.param_groups for q in group["params"] if q.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    if torch.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def build_optimizer(
     params: list[torch.nn.Parameter], cfg: OptimConfig, lr: float | None = None
 ) -> torch.optim.AdamW:

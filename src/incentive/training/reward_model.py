@@ -4,7 +4,6 @@ rendered as one chat (the prompt as the user turn, the response as the assistant
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 import time
@@ -24,6 +23,7 @@ from incentive.models.fused_mlp import use_fused_swiglu
 from incentive.models.fused_norm import use_fused_rms_norm
 from incentive.models.loading import resolve
 from incentive.models.lora import is_lora
+from incentive.training.optim import clipped_step
 from incentive.training.sampler import EpochSampler
 from incentive.training.stage import Stage
 
@@ -222,11 +222,7 @@ class RewardModelTrainer(Stage):
         self.model.train()
         loss, stats = self._objective(*self._scores(batch))
         loss.backward()
-        params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
-        if torch.isfinite(norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = clipped_step(self.optimizer, self.max_grad_norm)
         self.scheduler.step()
         return {
             "stage": "reward_model",

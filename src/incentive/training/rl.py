@@ -32,6 +32,7 @@ from incentive.templates import Parsed, SingleBlockFormat, TagFormat, Template
 from incentive.training.batch import TrainingBatch, pad
 from incentive.training.critic import Critic
 from incentive.training.metrics import summarize
+from incentive.training.optim import clipped_step
 from incentive.training.sampler import EpochSampler
 from incentive.training.stage import Stage, StageStateMismatch, StepFailed
 
@@ -317,14 +318,10 @@ class RLTrainer(Stage):
         return {"skipped": 1.0}
 
     def _optimizer_step(self) -> float:
-        params = [q for g in self.p.optimizer.param_groups for q in g["params"] if q.grad is not None]
-        max_norm = self.recipe.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
-        if torch.isfinite(norm):
-            self.p.optimizer.step()
+        norm = clipped_step(self.p.optimizer, self.recipe.optim.max_grad_norm)
+        if math.isfinite(norm):
             self.p.engine.weights_changed()
-        self.p.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     @torch.no_grad()
     def _old_logprobs(self, contexts: list[list[int]], targets: list[list[int]]) -> list[list[float]]:

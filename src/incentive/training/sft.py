@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Protocol
 
@@ -11,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from incentive.logprob_backends import Fused, LogprobBackend
 from incentive.logprobs import plan_batches
+from incentive.training.optim import clipped_step
 from incentive.training.sampler import EpochSampler
 from incentive.training.stage import Stage
 
@@ -109,11 +109,7 @@ class SFTTrainer(Stage):
             for chunk in plan_batches(contexts[part], targets[part], self.micro_batch_tokens):
                 rows = [first + i for i in chunk]
                 total += self.backend.backward(self.model, contexts, targets, rows, loss_of)
-        params = [q for g in self.optimizer.param_groups for q in g["params"] if q.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or math.inf)
-        if torch.isfinite(norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = clipped_step(self.optimizer, self.max_grad_norm)
         self.scheduler.step()
         elapsed = time.perf_counter() - t0
         return {

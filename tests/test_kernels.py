@@ -567,3 +567,12 @@ def test_checkouts_of_the_same_sources_compile_the_same_files(tmp_path, monkeypa
     header.write_text(header.read_text() + "\n// changed\n")
     build.staged_sources(folder)
     assert (folder / "src" / header.name).read_text().endswith("// changed\n")
+
+
+def test_each_torch_installation_builds_in_its_own_folder(monkeypatch):
+    """Two environments (another venv's torch, same version and sources) get their own build folders: the build
+    file names each installation's headers, so a shared folder would be rebuilt by each in turn."""
+    here = build.build_folder()
+    assert build.build_folder() == here
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/venv/site-packages/torch/__init__.py")
+    assert build.build_folder() != here and build.build_folder().parent == here.parent

@@ -1,8 +1,8 @@
 """Compiling and loading the kernels of this package (``*.cpp`` here, one library, ops under
 ``torch.ops.incentive_kernels``).
 
-They are compiled with the system's C++ compiler and ninja on first use (~30 s, once per machine, source and
-torch version) into the incentive cache. Where that cannot happen (no AVX-512, no compiler or ninja, not Linux
+They are compiled with the system's C++ compiler and ninja on first use (once per machine, source and torch
+installation) into the incentive cache. Where that cannot happen (no AVX-512, no compiler or ninja, not Linux
 on x86-64), or with ``INCENTIVE_KERNELS=0``, :func:`kernel_ops` is None and every caller takes its PyTorch path
 instead. A compile that fails where it could run is logged as a warning (and fails the kernel tests).
 
@@ -131,8 +131,12 @@ def staged_sources(folder: Path) -> list[Path]:
 
 
 def build_folder() -> Path:
-    """The cache folder of this build: one per source and torch version."""
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS) + torch.__version__.encode())
+    """The cache folder of this build: one per source, torch version and torch installation (the build file
+    names the installation's headers, so two environments sharing a folder would rebuild it in turn)."""
+    torch_files = str(Path(torch.__file__).resolve().parent).encode()
+    digest = hashlib.sha256(
+        b"".join(s.read_bytes() for s in SOURCES + HEADERS) + torch.__version__.encode() + torch_files
+    )
     return cache_dir() / "kernels" / digest.hexdigest()[:12]
 
 

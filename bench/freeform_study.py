@@ -10,7 +10,8 @@ the first seed, from a short calibration of its seconds per step (rollout + rewa
 so every seed of an arm runs the same number of steps. All are scored greedily on the same held-out questions
 by the accepted-wordings judge, which no arm trains on. Per arm and seed: accuracy with its 95 % interval and
 the paired difference against the cold start (interval, exact McNemar p-value); across seeds the mean
-difference. Writes summary.json and table.md under --out (default bench/results/freeform_study).
+difference and every (seed, question) pair pooled into one paired comparison. Writes summary.json and table.md
+under --out (default bench/results/freeform_study).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from nover_study import ROOT, train
 from progress import Progress
 
 from incentive.evaluation import compare
+from incentive.stats import agresti_min, sign_test
 
 ARMS = ("sft", "grpo-rule", "grpo-similarity", "grpo-judge", "nover")
 """The arms, each ``recipes/freeform-<arm>.yaml``; ``sft`` continues SFT on examples the cold start did not see."""
@@ -128,15 +130,37 @@ def table(results: dict) -> str:
                 f"| {r['accuracy_lenient']:.1%} | {p['diff']:+.1%} [{p['ci'][0]:+.1%}, {p['ci'][1]:+.1%}] "
                 f"| {p['p_value']:.3g} | {r['changed_answers']:.0%} | {r['steps']} | {r['train_seconds']:.0f} |"
             )
-    lines += ["", "| arm | seeds | mean − cold start | per seed |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| arm | seeds | mean − cold start | per seed | pooled pairs: − cold start [95% CI] | p (McNemar) |",
+        "|---|---|---|---|---|---|",
+    ]
     for arm in ARMS:
-        diffs = [
-            run["arms"][arm]["paired"]["diff"] for run in results["seeds"].values() if arm in run["arms"]
-        ]
-        if diffs:
-            each = ", ".join(f"{d:+.1%}" for d in diffs)
-            lines.append(f"| {arm} | {len(diffs)} | {statistics.mean(diffs):+.1%} | {each} |")
+        paired = [run["arms"][arm]["paired"] for run in results["seeds"].values() if arm in run["arms"]]
+        if paired:
+            each = ", ".join(f"{p['diff']:+.1%}" for p in paired)
+            pooled = pool(paired)
+            lines.append(
+                f"| {arm} | {len(paired)} | {statistics.mean(p['diff'] for p in paired):+.1%} | {each} "
+                f"| {pooled['diff']:+.1%} [{pooled['ci'][0]:+.1%}, {pooled['ci'][1]:+.1%}] "
+                f"| {pooled['p_value']:.3g} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def pool(paired: list[dict]) -> dict:
+    """Every (seed, question) pair of an arm's seeds as one paired comparison with the cold starts: the
+    difference, its Agresti–Min interval and McNemar's exact p over all pairs. Seeds share the questions, so
+    the pairs are not fully independent and the interval is somewhat narrow; the per-seed rows show the spread."""
+    n = sum(p["prompts"] for p in paired)
+    a_only = sum(p["a_better"] for p in paired)
+    b_only = sum(p["b_better"] for p in paired)
+    return {
+        "pairs": n,
+        "diff": (b_only - a_only) / n,
+        "ci": agresti_min(a_only, b_only, n),
+        "p_value": sign_test(b_only, a_only),
+    }
 
 
 def main() -> None:

@@ -6,8 +6,9 @@
 Families: ``calendar_arithmetic`` (near: weekdays and dates, like the weekday questions), ``letter_counting``
 (near: counting), ``chain_sum`` (far: arithmetic with a numeric answer). Each checkpoint is scored greedily by the
 rule verifier on the same ``--size`` problems of each family; every arm is paired with its seed's cold start over
-the same problems (difference, interval, exact McNemar p-value). Reads the checkpoints bench/freeform_study.py
-left under --work; writes summary.json and table.md under --out (default bench/results/transfer_eval).
+the same problems (difference, interval, exact McNemar p-value), and over seeds every (seed, problem) pair pooled.
+Reads the checkpoints bench/freeform_study.py left under --work; writes summary.json and table.md under --out
+(default bench/results/transfer_eval), keeping the seeds an earlier invocation scored and this one does not.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from freeform_study import ARMS
+from freeform_study import ARMS, pool
 from nover_study import ROOT
 from progress import Progress
 
@@ -68,6 +69,21 @@ def table(results: dict) -> str:
                     f"| {seed} | {family} ({FAMILIES[family]}) | {name} | {r['accuracy']:.1%} "
                     f"[{r['accuracy_ci'][0]:.1%}, {r['accuracy_ci'][1]:.1%}] | {diff} |"
                 )
+    lines += ["", "| family | checkpoint | seeds | pooled pairs: − cold start [95% CI] | p (McNemar) |"]
+    lines.append("|---|---|---|---|---|")
+    for family in FAMILIES:
+        for name in ARMS:
+            paired = [
+                rows[family][name]["paired"]
+                for rows in results.values()
+                if "paired" in rows.get(family, {}).get(name, {})
+            ]
+            if paired:
+                pooled = pool(paired)
+                lines.append(
+                    f"| {family} | {name} | {len(paired)} | {pooled['diff']:+.1%} "
+                    f"[{pooled['ci'][0]:+.1%}, {pooled['ci'][1]:+.1%}] | {pooled['p_value']:.3g} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -85,10 +101,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     names = ["cold-start", *ARMS]
     progress = Progress("transfer", len(args.seeds) * len(args.families) * len(names))
-    results: dict = {}
+    summary = args.out / "summary.json"
+    results: dict = json.loads(summary.read_text()) if summary.exists() else {}
     for seed in args.seeds:
+        results[str(seed)] = {}
         for family in args.families:
-            rows = results.setdefault(str(seed), {}).setdefault(family, {})
+            rows = results[str(seed)].setdefault(family, {})
             for name in names:
                 run_dir = args.work / f"seed{seed}" / name
                 progress.start(f"seed {seed}, {family}: {name}")
@@ -102,7 +120,7 @@ def main() -> None:
                     base = args.work / "transfer" / f"seed{seed}" / family / "cold-start"
                     row["paired"] = compare(base / "eval.completions.jsonl", out / "eval.completions.jsonl")
                 rows[name] = row
-                (args.out / "summary.json").write_text(json.dumps(results, indent=2))
+                summary.write_text(json.dumps(results, indent=2))
                 (args.out / "table.md").write_text(table(results))
     print(table(results))
 

@@ -30,7 +30,7 @@ from incentive.control.lm_hints import LanguageModelHints, parse_hint, prompt
 from incentive.control.policy import ActorCritic, entropy, log_prob
 from incentive.control.ppo import combined_advantage, gae, mix
 from incentive.control.rewards import reward_components
-from incentive.control.runner import Controller, train
+from incentive.control.runner import Controller, Episode, train
 from incentive.control.scene import Neighbour, Scene, sector
 from incentive.control.state import augment, hint_features
 
@@ -481,6 +481,18 @@ def test_stub_run_is_deterministic_and_writes_metrics(tmp_path):
 def test_stub_run_without_hints_uses_the_fallback_throughout(tmp_path):
     result = train(stub_recipe(hints={"source": "none"}), tmp_path, log=lambda _: None)
     assert result["fallback_rate"] == 1.0 and result["hint_call_rate"] == 0.0 and result["cache_hit_rate"] == 0.0
+
+
+def test_an_episode_that_stops_or_reverses_until_the_time_limit_is_no_success():
+    """Braking to a stop (or reversing, which highway-env allows) avoids every crash; only an episode that also
+    drives at env.success_min_speed on average counts as a success."""
+    controller = Controller(stub_recipe(hints={"source": "none"}, env={"success_min_speed": 10.0}))
+    for speed, expected in ((25.0, True), (10.0, True), (9.9, False), (0.0, False), (-5.0, False)):
+        episode = Episode()
+        for t in range(4):
+            step = Transition(np.zeros(1, dtype=np.float32), False, False, False, t == 3, speed)
+            episode.record(step, np.zeros(3), np.zeros(2), None)
+        assert controller.finish(episode, step, learn=False)["success"] is expected, speed
 
 
 @HIGHWAY

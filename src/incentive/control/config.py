@@ -32,6 +32,11 @@ class EnvConfig(Strict):
     steering: float = Field(0.03, gt=0, description="steering angle at action ±1, rad")
     acceleration: float = Field(5.0, gt=0, description="acceleration at action ±1, m/s²")
     offroad_terminal: bool = Field(True, description="leaving the road ends the episode as a failure")
+    success_min_speed: float = Field(
+        10.0,
+        description="mean forward speed, m/s, an episode needs to count as a success: braking to a stop or "
+        "reversing until the time limit avoids every crash but drives nowhere",
+    )
 
     @field_validator("name")
     @classmethod

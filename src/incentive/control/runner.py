@@ -126,8 +126,10 @@ class Controller:
 
     def finish(self, episode: Episode, last: Transition, learn: bool) -> dict[str, Any]:
         """An episode's summary; when ``learn``, a successful one with good enough efficiency adds its hints'
-        scenarios and weights to the knowledge base."""
-        success = last.truncated and not episode.crashed and not last.offroad
+        scenarios and weights to the knowledge base. A success reaches the time limit without a crash, on the
+        road, at a mean forward speed of at least ``env.success_min_speed``."""
+        fast_enough = episode.speed >= self.recipe.env.success_min_speed * episode.steps
+        success = last.truncated and not episode.crashed and not last.offroad and fast_enough
         efficiency = episode.returns[1] / max(episode.steps, 1)
         if learn and success and efficiency >= self.recipe.anchor.min_return and self.recipe.anchor.enabled:
             for hint in sorted(episode.hints, key=repr):

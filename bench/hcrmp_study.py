@@ -5,6 +5,7 @@ at the same training budget over a few seeds, each scored on the same evaluation
     .venv/bin/python bench/hcrmp_study.py --rates 0.2 0.42 0.6             # a sweep over ρ
     .venv/bin/python bench/hcrmp_study.py --seeds 0 --steps 512 --eval-episodes 3 --out /tmp/hcrmp-smoke
     .venv/bin/python bench/hcrmp_study.py --set env.name=stub              # any recipe override, every arm
+    .venv/bin/python bench/hcrmp_study.py --arms oracle --seeds 1          # one run; --resume later collects all
 
 Every arm runs ``recipes/control/hcrmp.yaml`` with ``hints.source`` set (none, oracle, noisy + hints.noise_rate)
 and ``run.seed`` per seed; everything else is shared. Writes each run folder under --out/<arm>/seed<N>/ and,
@@ -75,11 +76,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8192, help="training steps per run (ppo.total_steps)")
     parser.add_argument("--eval-episodes", type=int, default=20)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.42], help="noise rates ρ of the noisy arms")
+    parser.add_argument("--arms", nargs="+", help="run only these arms (none, oracle, noisy-<ρ>); default: all")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, all arms")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hcrmp_study")
     parser.add_argument("--resume", action="store_true", help="keep runs that finished")
     args = parser.parse_args()
     plan = arms(args.rates)
+    unknown = sorted(set(args.arms or []) - set(plan))
+    if unknown:
+        parser.error(f"--arms {' '.join(unknown)}: not an arm of this study ({', '.join(plan)})")
+    plan = {name: sets for name, sets in plan.items() if not args.arms or name in args.arms}
     shared = [f"ppo.total_steps={args.steps}", f"eval.episodes={args.eval_episodes}", *args.set]
     progress = Progress("hcrmp", len(plan) * len(args.seeds))
     results: dict[str, dict] = {}

@@ -1,7 +1,7 @@
 """Safety-subspace toy study: is there a linear "refusal" subspace that fine-tuning can be kept out of?
 
     .venv/bin/python bench/subspace_study.py --out bench/results/subspace_study
-    .venv/bin/python bench/subspace_study.py --model tiny-random --steps 2 --out /tmp/subspace-smoke  # smoke
+    .venv/bin/python bench/subspace_study.py --model tiny-random --steps 2 --out /tmp/ss-smoke --work /tmp/ss-smoke/w
 
 BASE is the model (--model). ALIGNED is BASE after a toy alignment SFT: requests to get into fictional devices
 that are not the asker's ("How do I pick the lock of the Zorblax vault-box?") answered with a refusal, mixed
@@ -13,7 +13,8 @@ with the rule verifier, refusal rate on held-out fictional requests with a rule-
 analysis of ``incentive analyze subspaces`` (weight-update MSO with random baselines, activation MSO of
 arithmetic vs fictional-request prompts), then projects each fine-tune onto or away from the top-k directions
 of the alignment update (and of a random subspace, the control) for several k fractions and evaluates every
-projected model. Writes summary.json, table.md, projection.png and the analysis folder under --out.
+projected model. Writes summary.json, table.md, projection.png and the analysis folder under --out; the data, the
+recipes and the four runs (several GB of checkpoints on the embedded model) go under --work.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def write_data(out: Path, seed: int, size: int, eval_size: int) -> dict[str, Pat
     }
 
 
-def train(name: str, model: str, data: Path, steps: int, lr: float, out: Path, seed: int) -> Path:
+def train(name: str, model: str, data: Path, steps: int, lr: float, work: Path, seed: int) -> Path:
     """One SFT run with ``incentive train`` from a recipe written here; the path of its final policy."""
     recipe = {
         "description": f"subspace study: {name} SFT",
@@ -136,8 +137,8 @@ def train(name: str, model: str, data: Path, steps: int, lr: float, out: Path, s
         "rl": {"steps": 0},
         "run": {"seed": seed},
     }
-    run_dir = out / "runs" / name
-    recipe_path = out / "recipes" / f"{name}.yaml"
+    run_dir = work / "runs" / name
+    recipe_path = work / "recipes" / f"{name}.yaml"
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     cmd = [sys.executable, "-m", "incentive.cli", "train", str(recipe_path), "--run-dir", str(run_dir)]
@@ -233,18 +234,24 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "subspace_study")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path.home() / ".cache" / "incentive" / "subspace_study",
+        help="data, recipes and the four runs' checkpoints (several GB on the embedded model)",
+    )
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    data = write_data(out, args.seed, args.size, args.eval_size)
+    data = write_data(args.work, args.seed, args.size, args.eval_size)
     progress = Progress("study", 4)
     progress.start("alignment SFT (refuse fictional break-in requests, answer arithmetic)")
     align_steps = args.align_steps or args.steps
-    aligned = train("aligned", args.model, data["align"], align_steps, args.lr, out, args.seed)
+    aligned = train("aligned", args.model, data["align"], align_steps, args.lr, args.work, args.seed)
     tuned = {}
     for name in ("useful", "harmful", "contaminated"):
         progress.start(f"{name} fine-tune of the aligned model")
-        tuned[name] = train(name, str(aligned), data[name], args.steps, args.lr, out, args.seed)
+        tuned[name] = train(name, str(aligned), data[name], args.steps, args.lr, args.work, args.seed)
     results = study(args, data, str(aligned), {k: str(v) for k, v in tuned.items()})
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     lines = table(results)
@@ -268,7 +275,7 @@ def study(
     from incentive.models import load_tokenizer
 
     judge = Judge(data, args.max_new_tokens, args.batch_size)
-    prompts = write_prompts(data, args.out)
+    prompts = write_prompts(data, args.work)
     request = Request(
         base=args.model,
         aligned=aligned,

@@ -1,7 +1,7 @@
 """HCRMP study: the hinted controller without hints, with oracle hints and with noisy hints (wrong at rate ρ),
 at the same training budget over a few seeds, each scored on the same evaluation episodes.
 
-    .venv/bin/python bench/hcrmp_study.py                                  # 3 arms × seeds 0 1 2, 8192 steps
+    .venv/bin/python bench/hcrmp_study.py                                  # 3 arms × seeds 0 1 2, 16384 steps
     .venv/bin/python bench/hcrmp_study.py --rates 0.2 0.42 0.6             # a sweep over ρ
     .venv/bin/python bench/hcrmp_study.py --seeds 0 --steps 512 --eval-episodes 3 --out /tmp/hcrmp-smoke
     .venv/bin/python bench/hcrmp_study.py --set env.name=stub              # any recipe override, every arm
@@ -73,7 +73,7 @@ def table(summary: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=8192, help="training steps per run (ppo.total_steps)")
+    parser.add_argument("--steps", type=int, default=16384, help="training steps per run (ppo.total_steps)")
     parser.add_argument("--eval-episodes", type=int, default=20)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.42], help="noise rates ρ of the noisy arms")
     parser.add_argument("--arms", nargs="+", help="run only these arms (none, oracle, noisy-<ρ>); default: all")

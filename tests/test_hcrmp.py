@@ -424,7 +424,7 @@ def test_highway_env_contract_actions_and_crash_termination():
         if step.terminated or step.truncated:
             break
     assert step.crashed and step.terminated
-    assert rewards[0] == -1.0
+    assert rewards[0] == -RewardConfig().collision_penalty
     env.close()
 
 

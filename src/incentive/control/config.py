@@ -48,7 +48,10 @@ class RewardConfig(Strict):
     """How the three reward components (safety, efficiency, comfort) are computed per control step."""
 
     collision_penalty: float = Field(
-        1.0, ge=0, description="safety reward (negated) of a crash or of leaving the road"
+        5.0,
+        ge=0,
+        description="safety reward (negated) of a crash or of leaving the road; at 1 it weighs about as much as "
+        "one step at top speed, and the policy learns to drive fast and crash",
     )
     ttc_safe: float = Field(4.0, gt=0, description="time to collision (s) below which safety is penalised")
     ttc_weight: float = Field(0.5, ge=0, description="safety penalty at time to collision 0")

@@ -4,13 +4,11 @@ resume."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import transformers
 import yaml
@@ -43,7 +41,7 @@ from incentive.rewards.pipeline import RewardPipeline
 from incentive.rollout import ENVIRONMENTS, ROLLOUT_STRATEGIES, Environment, RolloutStrategy
 from incentive.scorer import ModelScorer
 from incentive.templates import TEMPLATES, Template
-from incentive.training.checkpoint import Checkpoints
+from incentive.training.checkpoint import Checkpoints, seed_everything
 from incentive.training.critic import Critic, build_critic
 from incentive.training.held_out import HeldOutEvals
 from incentive.training.metrics import MetricsLog
@@ -77,12 +75,6 @@ def build_template(cfg: TemplateConfig) -> Template:
     cls = TEMPLATES.get(cfg.name)
     tags = cls.tag_format(cfg.think_tag or cls.think_tag, cfg.answer_tag)
     return cls(tags, system=cfg.system, use_chat_template=cfg.chat_template)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Run:

@@ -66,12 +66,16 @@ class StabilityAnchor:
         self.counts: Counter[str] = Counter()
 
     def neighbours(self, scenario: tuple[int, ...]) -> list[tuple[float, np.ndarray]]:
-        return [(s, w) for s, w in self.base.nearest(scenario, self.config.top_m) if s >= self.config.threshold]
+        """The top-m entries at least τ_kb similar to ``scenario``, most similar first."""
+        return self.close(self.base.nearest(scenario, self.config.top_m))
+
+    def close(self, found: list[tuple[float, np.ndarray]]) -> list[tuple[float, np.ndarray]]:
+        return [(s, w) for s, w in found if s >= self.config.threshold]
 
     def __call__(self, hint: Hint) -> Anchored:
-        found = self.base.nearest(hint.scenario, 1)
+        found = self.base.nearest(hint.scenario, self.config.top_m)
         best = found[0][0] if found else -1.0
-        near = self.neighbours(hint.scenario)
+        near = self.close(found)
         if not near:
             self.counts["pass"] += 1
             return Anchored(hint.weights, "pass", best, None)

@@ -56,8 +56,11 @@ class SemanticCache:
         self.last_query: int | None = None
 
     def serve(self, t: int, scene: Scene) -> Served:
-        """The hint for the episode's control step ``t``."""
+        """The hint for the episode's control step ``t``; a source that gives no hints is never asked."""
         self.counts["steps"] += 1
+        if not self.source.informative:
+            self.counts["fallbacks"] += 1
+            return Served(None, "fallback")
         origin = "cache"
         if self.last_query is None or t - self.last_query >= self.config.query_period:
             self.last_query = t

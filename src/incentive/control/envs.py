@@ -192,8 +192,9 @@ class StubRoad(ControlEnv):
         x, y, v, h = self.ego
         rows = np.zeros((self.config.observed_vehicles, len(FEATURES)), dtype=np.float32)
         top = LANE_WIDTH * self.config.lanes
-        rows[0] = [1.0, 0.0, y / top, v * math.cos(h) / 80.0, v * math.sin(h) / 80.0, h, self.scene().offset]
-        for i, n in enumerate(self.scene().neighbours[: self.config.observed_vehicles - 1], 1):
+        scene = self.scene()
+        rows[0] = [1.0, 0.0, y / top, v * math.cos(h) / 80.0, v * math.sin(h) / 80.0, h, scene.offset]
+        for i, n in enumerate(scene.neighbours[: self.config.observed_vehicles - 1], 1):
             rows[i] = [1.0, n.dx / 200.0, n.dy / top, n.dv / 80.0, -v * math.sin(h) / 80.0, 0.0, 0.0]
         return rows.reshape(-1)
 

@@ -117,12 +117,18 @@ class Controller:
 
     def observe(self, raw: np.ndarray, t: int, scene: Scene) -> tuple[np.ndarray, Hint | None, np.ndarray]:
         """(augmented state, hint, critic weights) for the episode's control step ``t``."""
-        if self.source.informative:
-            hint = self.cache.serve(t, scene).hint
-        else:
-            hint = None
-            self.cache.counts.update(steps=1, fallbacks=1)
+        hint = self.cache.serve(t, scene).hint
         return augment(raw, hint, self.agents), hint, self.weights(hint)
+
+    def advance(
+        self, episode: Episode, action: np.ndarray, hint: Hint | None
+    ) -> tuple[Transition, Scene, np.ndarray]:
+        """Apply ``action``, score its reward components and add the step to ``episode``."""
+        step = self.env.step(action)
+        scene = self.env.scene()
+        rewards = reward_components(step, scene, action, episode.previous, self.recipe.rewards)
+        episode.record(step, rewards, action, hint)
+        return step, scene, rewards
 
     def finish(self, episode: Episode, last: Transition, learn: bool) -> dict[str, Any]:
         """An episode's summary; when ``learn``, a successful one with good enough efficiency adds its hints'
@@ -155,19 +161,15 @@ class Controller:
         done = []
         for i in range(episodes):
             state, hint, _ = self.start(episode_seed(seed, i))
-            episode, t = Episode(), 0
+            episode = Episode()
             while True:
                 with torch.no_grad():
                     action = mean_action(self.model.distribution(torch.as_tensor(state))).numpy()
-                step = self.env.step(action)
-                scene = self.env.scene()
-                rewards = reward_components(step, scene, action, episode.previous, self.recipe.rewards)
-                episode.record(step, rewards, action, hint)
+                step, scene, _ = self.advance(episode, action, hint)
                 if step.terminated or step.truncated:
                     done.append(self.finish(episode, step, learn=False))
                     break
-                t += 1
-                state, hint, _ = self.observe(step.observation, t, scene)
+                state, hint, _ = self.observe(step.observation, episode.steps, scene)
         counts = Counter(self.cache.counts)
         counts.subtract(before)
         return summarise(done, counts)
@@ -181,7 +183,7 @@ class Rollout:
         self.seed = c.recipe.run.seed
         self.episodes = 0
         self.state, self.hint, self.weights = c.start(episode_seed(self.seed, 0))
-        self.episode, self.t = Episode(), 0
+        self.episode = Episode()
 
     def value(self, state: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -190,7 +192,7 @@ class Rollout:
     def collect(self, steps: int) -> tuple[Batch, np.ndarray, list[dict[str, Any]]]:
         """``steps`` control steps with sampled actions: the PPO batch (per-critic GAE mixed by each step's
         weights), the weights used, and the summaries of the episodes that ended."""
-        c, rewards = self.c, self.c.recipe.rewards
+        c = self.c
         states, actions, logps, rows, values, nexts, ends, weights = [], [], [], [], [], [], [], []
         finished = []
         for _ in range(steps):
@@ -199,10 +201,7 @@ class Rollout:
                 action = (2.0 * dist.sample() - 1.0).clamp(-1.0, 1.0)
                 logps.append(log_prob(dist, action).item())
             a = action.numpy()
-            step = c.env.step(a)
-            scene = c.env.scene()
-            reward = reward_components(step, scene, a, self.episode.previous, rewards)
-            self.episode.record(step, reward, a, self.hint)
+            step, scene, reward = c.advance(self.episode, a, self.hint)
             states.append(self.state)
             actions.append(a)
             rows.append(reward)
@@ -216,16 +215,16 @@ class Rollout:
                 finished.append(c.finish(self.episode, step, learn=True))
                 self.episodes += 1
                 self.state, self.hint, self.weights = c.start(episode_seed(self.seed, self.episodes))
-                self.episode, self.t = Episode(), 0
+                self.episode = Episode()
             else:
-                self.t += 1
-                self.state, self.hint, self.weights = c.observe(step.observation, self.t, scene)
+                self.state, self.hint, self.weights = c.observe(step.observation, self.episode.steps, scene)
                 nexts.append(None)
         values.append(self.value(self.state))
         after = np.stack([v if v is not None else values[i + 1] for i, v in enumerate(nexts)])
         cfg = c.recipe.ppo
         advantages, returns = gae(np.stack(rows), np.stack(values[:-1]), after, np.array(ends), cfg.gamma, cfg.lam)
-        mixed = combined_advantage(advantages, np.stack(weights), cfg.normalize)
+        used = np.stack(weights)
+        mixed = combined_advantage(advantages, used, cfg.normalize)
         batch = Batch(
             torch.as_tensor(np.stack(states)),
             torch.as_tensor(np.stack(actions)),
@@ -233,7 +232,7 @@ class Rollout:
             torch.as_tensor(mixed, dtype=torch.float32),
             torch.as_tensor(returns, dtype=torch.float32),
         )
-        return batch, np.stack(weights), finished
+        return batch, used, finished
 
 
 def train(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from incentive.geter.queries import LABELS, Label
-from incentive.stats import agresti_min, sign_test, wilson
+from incentive.stats import paired_compare, wilson
 
 WORD = re.compile(r"\w+")
 
@@ -80,17 +80,12 @@ def ablation_verdict(
     """Trained graph embedding against ``baseline`` (by default the frozen random one) on the same queries: the
     accuracy difference, its 95 % interval, McNemar's exact p, and whether the trained one is better at 5 %;
     when it is not, the graph token's training is not shown to matter (the baseline scores as well)."""
-    if len(trained) != len(random) or not trained:
-        raise ValueError("the two arms must score the same, non-empty list of queries")
-    only_trained = sum(t and not r for t, r in zip(trained, random, strict=True))
-    only_random = sum(r and not t for t, r in zip(trained, random, strict=True))
-    diff = (only_trained - only_random) / len(trained)
-    p = sign_test(only_trained, only_random)
-    better = diff > 0 and p < 0.05
+    paired = paired_compare([(int(r), 1) for r in random], [(int(t), 1) for t in trained])
+    better = paired.diff > 0 and paired.significant
     return {
-        "diff": diff,
-        "ci": list(agresti_min(only_random, only_trained, len(trained))),
-        "p_value": p,
+        "diff": paired.diff,
+        "ci": [paired.low, paired.high],
+        "p_value": paired.p_value,
         "trained_better": better,
         "verdict": f"the trained graph embedding beats {baseline}"
         if better

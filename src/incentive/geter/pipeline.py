@@ -4,12 +4,10 @@ LM and the projector → eval of labels and explanations; progress on the termin
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -25,6 +23,7 @@ from incentive.geter.queries import LABELS, Query, make_queries
 from incentive.geter.sft import GeterSFT, answer
 from incentive.models import load_tokenizer
 from incentive.models.soft_prefix import SoftPrefix
+from incentive.training.checkpoint import seed_everything
 from incentive.training.metrics import MetricsLog
 from incentive.training.optim import build_optimizer, build_scheduler
 from incentive.training.policy import build_policy, trainable_parameters
@@ -98,12 +97,6 @@ def graph_features(
     else:
         embedder = GraphEmbedder(graph, None, enc.dim, cfg.run.seed)
     return torch.stack([embedder.pooled(q.quad, q.history) for q in queries])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def run_geter(cfg: GeterConfig, run_dir: Path, overwrite: bool = False) -> dict[str, Any]:

@@ -37,9 +37,8 @@ def test_prefix_goes_before_the_prompt_with_mask_positions_and_labels_right() ->
         toy_embedding(), [[1, 2, 3], [4, 5]], PREFIX, loss_masks=[[False, True, True], [False, True]]
     )
     assert batch.inputs_embeds.shape == (2, 4, 3)  # (B, L + 1, H)
-    assert batch.prefix_columns.tolist() == [[0], [1]]  # row 1 is left-padded by one column
     assert torch.equal(batch.inputs_embeds[0, 0], PREFIX[0, 0])
-    assert torch.equal(batch.inputs_embeds[1, 1], PREFIX[1, 0])
+    assert torch.equal(batch.inputs_embeds[1, 1], PREFIX[1, 0])  # row 1 is left-padded by one column
     assert batch.inputs_embeds[0, 1:, 0].tolist() == [1.0, 2.0, 3.0]
     assert batch.inputs_embeds[1, 2:, 1].tolist() == [40.0, 50.0]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
@@ -50,7 +49,6 @@ def test_prefix_goes_before_the_prompt_with_mask_positions_and_labels_right() ->
 def test_prefix_at_a_marked_position_and_several_vectors() -> None:
     prefix = torch.tensor([[[-1.0] * 3, [-2.0] * 3], [[-3.0] * 3, [-4.0] * 3]])
     batch = embed_with_prefix(toy_embedding(), [[1, 2, 3], [4, 5]], prefix, at=[1, 2])
-    assert batch.prefix_columns.tolist() == [[1, 2], [3, 4]]
     assert batch.inputs_embeds[0, :, 0].tolist() == [1.0, -1.0, -2.0, 2.0, 3.0]
     assert batch.inputs_embeds[1, :, 0].tolist() == [0.0, 4.0, 5.0, -3.0, -4.0]  # column 0 is padding
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
@@ -60,7 +58,7 @@ def test_prefix_at_a_marked_position_and_several_vectors() -> None:
 
 def test_without_prefix_the_batch_is_the_plain_left_padded_one() -> None:
     batch = embed_with_prefix(toy_embedding(), [[1, 2, 3], [4]])
-    assert batch.prefix_columns.shape == (2, 0)
+    assert batch.inputs_embeds.shape == (2, 3, 3)
     assert batch.inputs_embeds[1, :, 0].tolist() == [0.0, 0.0, 4.0]
     assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+from incentive.paths import RECIPES_DIR, recipe_path
 
 EVAL_FLAGS = {
     "source": "--data",
@@ -70,19 +70,11 @@ def number_in(low: float, high: float = math.inf, low_open: bool = False) -> Cal
     return parse
 
 
-def _recipe_path(name: str) -> Path:
-    path = Path(name)
-    if path.exists():
-        return path
-    candidate = RECIPES_DIR / f"{name}.yaml"
-    return candidate if candidate.exists() else path
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from incentive.config import load_recipe
     from incentive.run import Run
 
-    path = _recipe_path(args.recipe)
+    path = recipe_path(args.recipe)
     recipe = load_recipe(path, args.set)
     run_dir = (
         Path(args.run_dir) if args.run_dir else Path(recipe.run.output_dir) / (recipe.run.name or path.stem)

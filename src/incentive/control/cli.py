@@ -4,11 +4,12 @@ and evaluate the hinted controller in a run folder."""
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from incentive.paths import empty_run_dir, recipe_path
 
 DESCRIPTION = """LLM-hinted control RL (HCRMP): a continuous-action driving agent (PPO, Beta policy) whose state is
 augmented with hints and whose reward-specific critics (safety, efficiency, comfort) are mixed by hinted weights,
@@ -35,18 +36,12 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def recipe_path(name: str) -> Path:
-    path = Path(name)
-    bundled = RECIPES / f"{name}.yaml"
-    return bundled if not path.exists() and bundled.exists() else path
-
-
 def run(args: argparse.Namespace) -> int:
     from incentive.config import ConfigError
     from incentive.control.config import load_control_recipe
     from incentive.control.envs import ENVIRONMENTS, INSTALL_HINT, missing_modules
 
-    path = recipe_path(args.recipe)
+    path = recipe_path(args.recipe, RECIPES)
     recipe = load_control_recipe(path, args.set)
     missing = missing_modules(ENVIRONMENTS.get(recipe.env.name))
     if missing:
@@ -54,11 +49,7 @@ def run(args: argparse.Namespace) -> int:
             f"env.name '{recipe.env.name}' needs {', '.join(missing)}, which is not installed: {INSTALL_HINT}"
         )
     run_dir = Path(args.run_dir) if args.run_dir else Path(recipe.run.output_dir) / (recipe.run.name or path.stem)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not args.overwrite:
-            raise ConfigError(f"run folder {run_dir} exists; pass --overwrite to replace it or --run-dir elsewhere")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    empty_run_dir(run_dir, args.overwrite)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     print(f"[control] run folder: {run_dir}")
 

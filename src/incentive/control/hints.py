@@ -54,14 +54,14 @@ def scenario_onehot(scenario: tuple[int, ...]) -> np.ndarray:
 
 
 class HintSource(ABC):
-    """Turns a scene into a hint, or None when it has none; ``counts`` says what happened."""
+    """Turns a scene into a hint, or None when it has none; ``counts`` says what happened. Every source is built
+    from the hint config and the run's seed, which a source that draws at random seeds its generator with."""
 
     informative: ClassVar[bool] = True
     """False for a source that never has a hint, so the controller does not ask it."""
 
     def __init__(self, config: HintConfig, seed: int) -> None:
         self.config = config
-        self.seed = seed
         self.counts: Counter[str] = Counter()
 
     @abstractmethod

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from incentive.paths import recipe_path
+
 RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "geter"
 DEFAULT_RECIPE = RECIPES / "geter.yaml"
 
@@ -37,9 +39,7 @@ def cmd_geter(args: argparse.Namespace) -> int:
     from incentive.geter.config import load_config
     from incentive.geter.pipeline import run_geter
 
-    path = Path(args.recipe)
-    if not path.exists() and (RECIPES / f"{args.recipe}.yaml").exists():
-        path = RECIPES / f"{args.recipe}.yaml"
+    path = recipe_path(args.recipe, RECIPES)
     cfg = load_config(path, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.output_dir) / (cfg.run.name or "geter")
     print(f"[geter] run folder: {run_dir}")

@@ -42,6 +42,11 @@ class GraphConfig(Strict):
         True, description="list the retrieved facts in the prompt (the paper's reasoning chains); false: graph only"
     )
 
+    @property
+    def split(self) -> int:
+        """The first eval day: days before it train the encoder and give the SFT queries."""
+        return int(self.timestamps * self.train_share)
+
     @model_validator(mode="after")
     def _window_covers_lags(self) -> GraphConfig:
         lag = max(rule.lag for rule in RULES[: self.rules])

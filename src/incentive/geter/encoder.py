@@ -65,6 +65,10 @@ class TemporalEncoder(nn.Module):
             h = self.gru(x, h)
         return h
 
+    def before(self, edges: Sequence[Edges], t: int) -> torch.Tensor:
+        """Entity embeddings as of day ``t``: evolved over the ``history`` days before it."""
+        return self.evolve(edges[max(0, t - self.history) : t])
+
     def scores(self, h: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """DistMult logits of every entity as the object of (s, r, ?): (len(s), entities)."""
         return (h[s] * self.relation[r]) @ h.T
@@ -72,7 +76,8 @@ class TemporalEncoder(nn.Module):
 
 class GraphEmbedder:
     """Entity embeddings as of a day, the graph's edges cached per day; with ``encoder`` None, a frozen random
-    table of the same shapes (the ablation: any structure a trained encoder adds is gone)."""
+    table of the same shapes (the ablation: any structure a trained encoder adds is gone). Read it only once the
+    encoder is trained: each day's embeddings are computed once and kept."""
 
     def __init__(self, graph: TemporalGraph, encoder: TemporalEncoder | None, dim: int, seed: int) -> None:
         self.graph = graph
@@ -81,12 +86,16 @@ class GraphEmbedder:
         generator = torch.Generator().manual_seed(seed)
         self.random_entity = torch.randn(len(graph.entities), dim, generator=generator) / dim**0.5
         self.random_relation = torch.randn(len(graph.relations), dim, generator=generator) / dim**0.5
+        self.days: dict[int, torch.Tensor] = {}
 
+    @torch.no_grad()
     def entities_before(self, t: int) -> torch.Tensor:
         """(entities, dim): evolved over the ``history`` days before day ``t`` (the random table: any day)."""
         if self.encoder is None:
             return self.random_entity
-        return self.encoder.evolve(self.edges[max(0, t - self.encoder.history) : t])
+        if t not in self.days:
+            self.days[t] = self.encoder.before(self.edges, t)
+        return self.days[t]
 
     def relations(self) -> torch.Tensor:
         if self.encoder is None:
@@ -111,9 +120,8 @@ def pool(entities: torch.Tensor, relations: torch.Tensor, quads: Sequence[Quad])
 def link_prediction_loss(encoder: TemporalEncoder, edges: Sequence[Edges], t: int) -> torch.Tensor:
     """Cross-entropy of each true object of day ``t``'s facts (and of the subject, through the inverse facts),
     with entity embeddings evolved over the days before ``t``."""
-    h = encoder.evolve(edges[max(0, t - encoder.history) : t])
     s, r, o = edges[t]
-    return F.cross_entropy(encoder.scores(h, s, r), o)
+    return F.cross_entropy(encoder.scores(encoder.before(edges, t), s, r), o)
 
 
 def train_encoder(
@@ -152,7 +160,7 @@ def mean_reciprocal_rank(encoder: TemporalEncoder, edges: Sequence[Edges], days:
         s, r, o = edges[t]
         if not len(s):
             continue
-        scores = encoder.scores(encoder.evolve(edges[max(0, t - encoder.history) : t]), s, r)
+        scores = encoder.scores(encoder.before(edges, t), s, r)
         true = scores.gather(1, o[:, None])
         ranks.append((scores > true).sum(1) + 1)
     return float((1.0 / torch.cat(ranks).float()).mean()) if ranks else 0.0

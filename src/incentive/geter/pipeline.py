@@ -4,7 +4,6 @@ LM and the projector → eval of labels and explanations; progress on the termin
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from incentive.geter.queries import LABELS, Query, make_queries
 from incentive.geter.sft import GeterSFT, answer
 from incentive.models import load_tokenizer
 from incentive.models.soft_prefix import SoftPrefix
+from incentive.paths import empty_run_dir
 from incentive.training.checkpoint import seed_everything
 from incentive.training.metrics import MetricsLog
 from incentive.training.optim import build_optimizer, build_scheduler
@@ -37,22 +37,12 @@ def build_queries(cfg: GeterConfig) -> tuple[TemporalGraph, list[Query], list[Qu
     """The graph, and its training queries (days before the split) and eval queries (days from it on)."""
     g = cfg.graph
     graph = generate_graph(g)
-    split = int(g.timestamps * g.train_share)
     try:
-        train = make_queries(graph, range(g.window, split), g.train_queries, g.seed + 1, g.window, g.max_history)
-        held = make_queries(graph, range(split, g.timestamps), g.eval_queries, g.seed + 2, g.window, g.max_history)
+        train = make_queries(graph, range(g.window, g.split), g.train_queries, g.seed + 1, g.window, g.max_history)
+        held = make_queries(graph, range(g.split, g.timestamps), g.eval_queries, g.seed + 2, g.window, g.max_history)
     except ValueError as err:
         raise ConfigError(f"graph: {err}") from err
     return graph, train, held
-
-
-def prepare_dir(run_dir: Path, overwrite: bool) -> None:
-    """An empty run folder: a non-empty one is refused unless ``overwrite``, which clears it."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run folder {run_dir} is not empty; pass --overwrite or another --run-dir")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def write_queries(path: Path, graph: TemporalGraph, queries: list[Query], with_history: bool) -> None:
@@ -74,7 +64,7 @@ def graph_features(
     if enc.kind == "regcn":
         encoder = TemporalEncoder(len(graph.entities), len(graph.relations), enc.dim, enc.layers, enc.history)
         embedder = GraphEmbedder(graph, encoder, enc.dim, cfg.run.seed)
-        split = int(graph.timestamps * cfg.graph.train_share)
+        split = cfg.graph.split
         with tqdm(total=enc.steps, desc="encoder", unit="step") as bar:
 
             def report(step: int, loss: float) -> None:
@@ -105,7 +95,7 @@ def run_geter(cfg: GeterConfig, run_dir: Path, overwrite: bool = False) -> dict[
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     graph, train, held = build_queries(cfg)
-    prepare_dir(run_dir, overwrite)
+    empty_run_dir(run_dir, overwrite)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     with_history = cfg.graph.history_in_prompt
     write_queries(run_dir / "data" / "train.jsonl", graph, train, with_history)

@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from incentive.geter.events import TemporalGraph
 from incentive.geter.queries import Query
+from incentive.training.sft import TargetEncoder
 
 SYSTEM = (
     "You judge whether an event between fictional countries is plausible on a given day, from what happened "
@@ -59,10 +60,8 @@ def encode(
     ]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     before, after = rendered.split(MARK, 1)
-    ids = tokenizer(before + after, add_special_tokens=False).input_ids
-    at = 0
-    if position == "before_query":
-        head = tokenizer(before, add_special_tokens=False).input_ids
-        ids, at = head + tokenizer(after, add_special_tokens=False).input_ids, len(head)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return Encoded(ids, at, tokenizer(query.answer, add_special_tokens=False).input_ids + eos)
+    answer, _ = TargetEncoder(tokenizer)(query.answer)
+    if position != "before_query":
+        return Encoded(tokenizer(before + after, add_special_tokens=False).input_ids, 0, answer)
+    head = tokenizer(before, add_special_tokens=False).input_ids
+    return Encoded(head + tokenizer(after, add_special_tokens=False).input_ids, len(head), answer)

@@ -47,8 +47,6 @@ class PrefixedBatch:
     """(B, T): 0, 1, ... from the first unpadded column; padding 0."""
     labels: torch.Tensor
     """(B, T) token ids where the row's loss mask is on, :data:`IGNORE` elsewhere (not yet shifted)."""
-    prefix_columns: torch.Tensor
-    """(B, K) the columns that hold the prefix vectors (empty with no prefix)."""
 
     def loss_columns(self) -> int:
         """The last columns whose logits the labels need (from the one before the first label to the end): the
@@ -94,7 +92,7 @@ def embed_with_prefix(
             prefix.to(embeds.dtype).reshape(-1, embeds.shape[-1]),
         )
         embeds = torch.where(slots[..., None], placed, embeds)
-    return PrefixedBatch(embeds, mask, (mask.cumsum(-1) - 1).clamp(min=0), labels, columns)
+    return PrefixedBatch(embeds, mask, (mask.cumsum(-1) - 1).clamp(min=0), labels)
 
 
 def prefixed_logits(model: PreTrainedModel, batch: PrefixedBatch, keep: int = 0) -> torch.Tensor:

@@ -70,6 +70,7 @@ class StabilityAnchor:
         return self.close(self.base.nearest(scenario, self.config.top_m))
 
     def close(self, found: list[tuple[float, np.ndarray]]) -> list[tuple[float, np.ndarray]]:
+        """The entries of a search result that are at least τ_kb similar."""
         return [(s, w) for s, w in found if s >= self.config.threshold]
 
     def __call__(self, hint: Hint) -> Anchored:

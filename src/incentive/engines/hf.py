@@ -48,10 +48,14 @@ class HFEngine(Engine):
         )
         width = ids.shape[1]
         new_tokens = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1).float()
-        if not greedy:
-            logits = logits / params.temperature
-        token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)
+        scale = 1.0 if greedy else params.temperature
+        token_logprobs = torch.stack(
+            [
+                torch.log_softmax(step.float() / scale, dim=-1).gather(-1, new_tokens[:, k, None]).squeeze(-1)
+                for k, step in enumerate(out.logits)
+            ],
+            dim=1,
+        )
         forced_logprobs = self._forced_logprobs(ids, mask, forced, params) if any(forced) else None
         result: list[Completion] = []
         for row in range(new_tokens.shape[0]):

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -85,7 +86,13 @@ def digits_reward(texts: list[str]) -> list[float]:
     return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
 
 
-REWARDS = {"length": length_reward, "digits": digits_reward}
+def hash_reward(texts: list[str]) -> list[float]:
+    """Varies whenever the texts differ, whatever they hold (a random-initialised model writes no digits, and a
+    group whose rewards are all equal trains nothing in incentive): a hash of the text in [0, 1)."""
+    return [zlib.crc32(t.encode()) % 1000 / 1000 for t in texts]
+
+
+REWARDS = {"length": length_reward, "digits": digits_reward, "hash": hash_reward}
 
 
 def machine_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str | bool]:

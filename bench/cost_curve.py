@@ -6,8 +6,8 @@
 
 At each point both tools run the same full fine-tuning GRPO step (4 prompts x 4 completions, every completion
 exactly L new tokens: no end token is sampled before L; rewarded by the share of digits, or for the wide model,
-which writes none, by a hash of the text, so that every group trains), each in its own process, ``--steps`` steps of which the
-first is warm-up, as in ``bench/grpo_vs_trl.py`` (whose children this reuses). Models: ``embedded``
+which writes none, by a hash of the text, so that every group trains), each in its own process, ``--steps``
+steps of which the first is warm-up, as in ``bench/grpo_vs_trl.py`` (whose children this reuses). Models: ``embedded``
 (SmolLM2-135M) and ``wide``, a random-initialised model of the same family at twice its width (hidden 1152,
 18 heads of 64, 6 key/value heads, MLP 3072; ~4x the body's parameters), written once into the incentive cache.
 TRL trains in micro-batches small enough for this machine's memory (fewer completions per pass as L grows).

@@ -12,7 +12,9 @@ steps of which the first is warm-up, as in ``bench/grpo_vs_trl.py`` (whose child
 18 heads of 64, 6 key/value heads, MLP 3072; ~4x the body's parameters), written once into the incentive cache.
 TRL trains in micro-batches small enough for this machine's memory (fewer completions per pass as L grows).
 incentive runs a third time at each point with ``model.activation_checkpointing`` (its peak memory and step time
-beside the default's). Writes bench/results/cost_curve-MACHINE.{json,md} and docs/images/cost_curve-MACHINE.png.
+beside the default's). With ``--trl-bf16 MODEL ...`` TRL also runs in bf16 mixed precision (``bf16=True``) at
+that model's points, and the ratios there are against TRL's faster precision (time) and leaner one (memory).
+Writes bench/results/cost_curve-MACHINE.{json,md} and docs/images/cost_curve-MACHINE.png.
 """
 
 from __future__ import annotations
@@ -82,6 +84,14 @@ def workload(model: str, length: int) -> Workload:
     )
 
 
+TOOL_LABELS = {
+    "trl": "TRL",
+    "trl_bf16": "TRL bf16",
+    "incentive": "incentive",
+    "incentive_checkpointing": "incentive + act. ckpt",
+}
+
+
 def plot(results: dict, path: Path) -> None:
     """Step time and peak RSS against completion length, one line per (tool, model), ratios annotated."""
     import matplotlib
@@ -91,12 +101,14 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for model, points in results["models"].items():
-        lengths = [p["length"] for p in points]
-        for tool, style in (("trl", "--"), ("incentive", "-"), ("incentive_checkpointing", ":")):
-            label = {"trl": "TRL", "incentive": "incentive", "incentive_checkpointing": "incentive + act. ckpt"}[tool]
-            label += f", {model}"
-            time_ax.plot(lengths, [p[tool]["median_step_s"] for p in points], style, marker="o", label=label)
-            memory_ax.plot(lengths, [p[tool]["peak_rss_gb"] for p in points], style, marker="o", label=label)
+        for tool, style in (("trl", "--"), ("trl_bf16", "-."), ("incentive", "-"), ("incentive_checkpointing", ":")):
+            ran = [p for p in points if tool in p]
+            if not ran:
+                continue
+            label = f"{TOOL_LABELS[tool]}, {model}"
+            at = [p["length"] for p in ran]
+            time_ax.plot(at, [p[tool]["median_step_s"] for p in ran], style, marker="o", label=label)
+            memory_ax.plot(at, [p[tool]["peak_rss_gb"] for p in ran], style, marker="o", label=label)
         for p in points:
             q = p["ratios"]
             time_ax.annotate(
@@ -113,7 +125,10 @@ def plot(results: dict, path: Path) -> None:
                 xytext=(4, -12),
                 fontsize=8,
             )
-    for ax, title in ((time_ax, "step time (s); TRL / incentive"), (memory_ax, "peak RSS (GB); incentive / TRL")):
+    for ax, title in (
+        (time_ax, "step time (s); TRL's fastest / incentive"),
+        (memory_ax, "peak RSS (GB); incentive / TRL's leanest"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("completion length (tokens)")
         ax.set_title(title)
@@ -126,17 +141,19 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
+    """One row per point; the ratios are against TRL's faster precision (time) and leaner one (memory)."""
     lines = [
-        "| model | length | TRL step (s) | incentive step (s) | ratio | TRL gen / train (s) "
+        "| model | length | TRL step (s) | TRL bf16 step (s) | incentive step (s) | ratio | TRL gen / train (s) "
         "| incentive gen / train (s) | TRL RSS (GB) | incentive RSS (GB) | memory ratio "
         "| incentive + act. ckpt: step (s) / RSS (GB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, points in results["models"].items():
         for p in points:
             t, i, c, q = p["trl"], p["incentive"], p["incentive_checkpointing"], p["ratios"]
+            bf16 = f"{p['trl_bf16']['median_step_s']:.1f}" if "trl_bf16" in p else "-"
             lines.append(
-                f"| {model} | {p['length']} | {t['median_step_s']:.1f} | {i['median_step_s']:.1f} "
+                f"| {model} | {p['length']} | {t['median_step_s']:.1f} | {bf16} | {i['median_step_s']:.1f} "
                 f"| {q['step_time_trl_over_incentive']:.2f}x "
                 f"| {t['median_generate_s']:.1f} / {t['median_train_s']:.1f} "
                 f"| {i['median_generate_s']:.1f} / {i['median_train_s']:.1f} "
@@ -153,6 +170,13 @@ def main() -> None:
         "--wide-lengths", type=int, nargs="+", help="lengths for the wide model (default: --lengths)"
     )
     parser.add_argument("--models", nargs="+", default=["embedded", "wide"], choices=["embedded", "wide"])
+    parser.add_argument(
+        "--trl-bf16",
+        nargs="+",
+        default=[],
+        choices=["embedded", "wide"],
+        help="models at whose points TRL also runs with bf16=True",
+    )
     parser.add_argument("--steps", type=int, default=2, help="steps per run; the first is warm-up")
     parser.add_argument(
         "--resume", action="store_true", help="reuse the runs an interrupted invocation finished (in the cache)"
@@ -167,7 +191,8 @@ def main() -> None:
         "models": {},
     }
     lengths = {m: (args.wide_lengths or args.lengths) if m == "wide" else args.lengths for m in args.models}
-    progress = Progress("curve", sum(len(v) for v in lengths.values()) * 3)
+    runs_per_point = {m: 4 if m in args.trl_bf16 else 3 for m in args.models}
+    progress = Progress("curve", sum(len(v) * runs_per_point[m] for m, v in lengths.items()))
     raw: dict[tuple[str, int], dict[str, dict]] = {}
     kept = cache_dir() / "bench" / f"cost_curve-{kind['kind']}"
     if not args.resume:
@@ -176,12 +201,15 @@ def main() -> None:
     for model in args.models:
         for length in lengths[model]:
             work = workload(names[model], length)
-            for tool, spec in (
+            tools = [
                 ("trl", work),
                 ("incentive", work),
                 ("incentive-checkpointing", replace(work, checkpointing=True)),
-            ):
-                progress.start(f"{model}, {length} tokens: {'TRL' if tool == 'trl' else tool}")
+            ]
+            if model in args.trl_bf16:
+                tools.append(("trl-bf16", replace(work, trl_bf16=True)))
+            for tool, spec in tools:
+                progress.start(f"{model}, {length} tokens: {tool.replace('trl', 'TRL')}")
                 out = kept / f"{tool}-{model}-{length}.json"
                 child = tool.split("-")[0]
                 raw.setdefault((model, length), {})[tool] = run_child(
@@ -191,18 +219,13 @@ def main() -> None:
     rate = max(r for sample in rates for name, r in sample.items() if isinstance(r, float))
     results["machine"]["utilisation_denominator_gflops"] = rate
     for (model, length), runs in raw.items():
-        trl, inc = summarize([runs["trl"]], "full", rate), summarize([runs["incentive"]], "full", rate)
-        recomputing = summarize([runs["incentive-checkpointing"]], "full", rate)
+        point = {tool.replace("-", "_"): summarize([run], "full", rate) for tool, run in runs.items()}
+        trls = [point[t] for t in ("trl", "trl_bf16") if t in point]
+        fastest = min(trls, key=lambda r: r["median_step_s"])
+        q = ratios(fastest, point["incentive"])
+        q["peak_rss_incentive_over_trl"] = point["incentive"]["peak_rss_gb"] / min(r["peak_rss_gb"] for r in trls)
         results["models"].setdefault(model, []).append(
-            {
-                "length": length,
-                "workload": asdict(workload(names[model], length)),
-                "trl": trl,
-                "incentive": inc,
-                "incentive_checkpointing": recomputing,
-                "ratios": ratios(trl, inc),
-                "raw": runs,
-            }
+            {"length": length, "workload": asdict(workload(names[model], length)), **point, "ratios": q, "raw": runs}
         )
     target = ROOT / "bench" / "results"
     target.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,9 @@ the first run and after each variant's runs: the rate of a shared VM drifts by t
 measured is the strictest yardstick).
 With ``--sampling-dtype bfloat16`` incentive samples from a bf16 copy of the policy (``generation.sampling_dtype``)
 and HF ``generate`` runs a bf16 model; TRL's trainer samples with its fp32 training model as always. Those results
-go to grpo_vs_trl-WORKLOAD-MACHINE-bfloat16.{json,md}.
+go to grpo_vs_trl-WORKLOAD-MACHINE-bfloat16.{json,md}. With ``--trl-bf16`` TRL trains in bf16 mixed precision
+(``bf16=True``: autocast over fp32 weights) while incentive stays in fp32; those results
+go to grpo_vs_trl-WORKLOAD-MACHINE-trl-bf16.{json,md}.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Workload:
     """Completions per TRL forward/backward pass (gradient accumulation over the step); None: all at once."""
     checkpointing: bool = False
     """TRL: gradient checkpointing; incentive: ``model.activation_checkpointing``."""
+    trl_bf16: bool = False
+    """TRL in bf16 mixed precision (``bf16=True``: autocast over fp32 weights); incentive stays in fp32."""
 
 
 WORKLOADS = {
@@ -225,7 +229,7 @@ def run_trl(variant: str, steps: int, out: Path, work: Workload) -> None:
         max_steps=steps,
         gradient_checkpointing=work.checkpointing,
         use_cpu=True,
-        bf16=False,
+        bf16=work.trl_bf16,
         report_to="none",
         save_strategy="no",
         logging_steps=1,
@@ -381,7 +385,8 @@ def run_child(
     With ``reuse``, results already in ``out`` for the same workload and steps are taken instead of a run."""
     if reuse and out.exists():
         kept = json.loads(out.read_text())
-        if kept.get("spec") == asdict(work) and len(kept["step_s" if "step_s" in kept else "generate_s"]) == steps:
+        spec = {**asdict(Workload()), **kept["spec"]} if "spec" in kept else None  # newer fields: defaults
+        if spec == asdict(work) and len(kept["step_s" if "step_s" in kept else "generate_s"]) == steps:
             print(f"[bench] reusing {out}", flush=True)
             return kept
     subprocess.run(
@@ -514,10 +519,12 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_name(workload: str, sampling_dtype: str) -> str:
-    """The results' file stem: workload, machine kind, and the sampling dtype where it is not fp32."""
+def results_name(workload: str, sampling_dtype: str, trl_bf16: bool = False) -> str:
+    """The results' file stem: workload, machine kind, the sampling dtype where it is not fp32, and whether TRL
+    trained in bf16."""
     name = f"grpo_vs_trl-{workload}-{machine_kind()['kind']}"
-    return name if sampling_dtype == "float32" else f"{name}-{sampling_dtype}"
+    name = name if sampling_dtype == "float32" else f"{name}-{sampling_dtype}"
+    return f"{name}-trl-bf16" if trl_bf16 else name
 
 
 def main() -> None:
@@ -542,6 +549,9 @@ def main() -> None:
         help="bfloat16: incentive samples from a bf16 copy (needs AMX), HF generate runs in bf16",
     )
     parser.add_argument(
+        "--trl-bf16", action="store_true", help="TRL trains in bf16 mixed precision (bf16=True); incentive in fp32"
+    )
+    parser.add_argument(
         "--child", nargs=4, metavar=("TOOL", "VARIANT", "STEPS", "OUT"), help=argparse.SUPPRESS
     )
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -555,7 +565,7 @@ def main() -> None:
         tool, variant, steps, out = args.child
         child(tool, variant, int(steps), Path(out), args.sampling_dtype, Workload(**json.loads(args.spec)))
         return
-    work = WORKLOADS[args.workload]
+    work = replace(WORKLOADS[args.workload], trl_bf16=args.trl_bf16)
     rates = [measured_matmul_rates("before the runs")]
     results: dict = {
         "machine": {
@@ -579,7 +589,7 @@ def main() -> None:
     ]
     progress = Progress("bench", len(plan) * args.reps * 2)
     raws: dict[str, dict[str, dict[str, list[dict]]]] = {}
-    name = results_name(args.workload, args.sampling_dtype)
+    name = results_name(args.workload, args.sampling_dtype, args.trl_bf16)
     kept = cache_dir() / "bench" / name
     if not args.resume:
         shutil.rmtree(kept, ignore_errors=True)

@@ -64,6 +64,14 @@ class ModelConfig(Strict):
         "backward pass: same gradients, a fraction of the activation memory, about a third more update time "
         "(for long completions; Llama, Mistral and Qwen2 models)",
     )
+    update_products: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="bfloat16: the RL update's linear products (layers and LM head, forward and backward) take "
+        "bf16 inputs and round their output to bf16, as torch.autocast and TRL's bf16=True do; weights, "
+        "gradients, Adam state, norms, attention and the softmax stay fp32, and sampling is unchanged. About "
+        "twice the products' fp32 rate on CPUs with avx512_bf16 or AMX (refused on others); linear layers then "
+        "go through oneDNN (model.onednn may not be false)",
+    )
     backend: str = Field(
         "fused",
         description="where training and scoring get their logprobs: fused (shared prompts, packed passes, the "
@@ -76,6 +84,19 @@ class ModelConfig(Strict):
     @classmethod
     def _registered(cls, name: str) -> str:
         return registered("incentive.logprob_backends", "LOGPROB_BACKENDS", name)
+
+    @model_validator(mode="after")
+    def _bf16_products_usable(self) -> ModelConfig:
+        """Refuse, before any model is loaded, bf16 update products that could not run or would be slow."""
+        if self.update_products == "bfloat16":
+            if self.onednn is False:
+                raise ValueError(
+                    "model.update_products: bfloat16 runs its products through oneDNN; leave model.onednn unset"
+                )
+            from incentive.models.bf16_products import require_bf16_products
+
+            require_bf16_products()
+        return self
 
 
 class TemplateConfig(Strict):

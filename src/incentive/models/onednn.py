@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from incentive.models import bf16_products
+
 _MIN_SUMMED_FOR_ONEDNN = 64
 
 
@@ -79,10 +81,13 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` through oneDNN for fp32 CPU tensors; anything else (GPU, other dtypes, empty input) goes
+    """``F.linear`` through oneDNN for fp32 CPU tensors, its products in bf16 inside
+    :func:`incentive.models.bf16_products.bf16_products`; anything else (GPU, other dtypes, empty input) goes
     to ``F.linear``."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0:
         return F.linear(x, weight, bias)
+    if bf16_products.active():
+        return bf16_products.bf16_linear(x, weight, bias)
     return _OneDNNLinearFunction.apply(x, weight, bias)
 
 

@@ -17,7 +17,7 @@ from incentive.models.packed_body import recompute_layers
 
 def build_policy(cfg: ModelConfig) -> PreTrainedModel:
     """Load the model; wrap it with LoRA adapters when ``cfg.lora`` is set."""
-    model = load_model(cfg.name, onednn=cfg.onednn)
+    model = load_model(cfg.name, onednn=True if cfg.update_products == "bfloat16" else cfg.onednn)
     model.config.use_cache = True
     if cfg.activation_checkpointing:
         try:

@@ -7,7 +7,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from incentive.evaluation import build_verifier, lenient_answer
 from incentive.logprob_backends import logprob_backend
 from incentive.logprobs import plan_batches
 from incentive.losses import PolicyLoss, Totals
+from incentive.models import bf16_products
 from incentive.rewards.base import RewardContext, Scorer
 from incentive.rewards.pipeline import RewardPipeline, Scored
 from incentive.rewards.verifier import AnswerReward, RuleVerifier, extract_answer
@@ -116,7 +117,8 @@ class RLTrainer(Stage):
         self._supply(training, batch)
         training.set_advantages(p.estimator.estimate(training))
         critic_stats = self._train_critic(training, update)
-        train_stats = self._optimise(training) if update else self._skip_update()
+        with self._update_products():
+            train_stats = self._optimise(training) if update else self._skip_update()
         t_train = time.perf_counter() - t0
         advantages = training.sequence_advantages
         assert advantages is not None
@@ -254,6 +256,10 @@ class RLTrainer(Stage):
             return {}
         return critic.update(training, self.recipe.rl.num_iterations) if update else critic.skip()
 
+    def _update_products(self) -> AbstractContextManager[None]:
+        """Where the update's linear products run in bf16 (``model.update_products``)."""
+        return bf16_products.bf16_products() if self.recipe.model.update_products == "bfloat16" else nullcontext()
+
     def _optimise(self, batch: TrainingBatch) -> dict[str, float]:
         """Policy-gradient update on the batch; skips the forward/backward work that would contribute zero."""
         p, rl, loss_cfg = self.p, self.recipe.rl, self.recipe.loss
@@ -321,6 +327,7 @@ class RLTrainer(Stage):
         norm = clipped_step(self.p.optimizer, self.recipe.optim.max_grad_norm)
         if math.isfinite(norm):
             self.p.engine.weights_changed()
+            bf16_products.weights_changed()
         return norm
 
     @torch.no_grad()

@@ -12,8 +12,9 @@ steps of which the first is warm-up, as in ``bench/grpo_vs_trl.py`` (whose child
 18 heads of 64, 6 key/value heads, MLP 3072; ~4x the body's parameters), written once into the incentive cache.
 TRL trains in micro-batches small enough for this machine's memory (fewer completions per pass as L grows).
 incentive runs a third time at each point with ``model.activation_checkpointing`` (its peak memory and step time
-beside the default's). With ``--trl-bf16 MODEL ...`` TRL also runs in bf16 mixed precision (``bf16=True``) at
-that model's points, and the ratios there are against TRL's faster precision (time) and leaner one (memory).
+beside the default's). With ``--bf16 MODEL ...`` both tools also update in bf16 mixed precision at that model's
+points (TRL ``bf16=True``; incentive ``model.update_products: bfloat16``), and the time ratio there is TRL's
+faster precision over incentive's, the memory ratio incentive's default over TRL's leaner precision.
 Writes bench/results/cost_curve-MACHINE.{json,md} and docs/images/cost_curve-MACHINE.png.
 """
 
@@ -87,9 +88,14 @@ def workload(model: str, length: int) -> Workload:
 TOOL_LABELS = {
     "trl": "TRL",
     "trl_bf16": "TRL bf16",
+    "incentive_bf16": "incentive bf16",
     "incentive": "incentive",
     "incentive_checkpointing": "incentive + act. ckpt",
 }
+
+
+def step_time(summary: dict) -> float:
+    return summary["median_step_s"]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -101,19 +107,25 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for model, points in results["models"].items():
-        for tool, style in (("trl", "--"), ("trl_bf16", "-."), ("incentive", "-"), ("incentive_checkpointing", ":")):
+        for tool, style in (
+            ("trl", "--"),
+            ("trl_bf16", "-."),
+            ("incentive", "-"),
+            ("incentive_bf16", (0, (5, 1, 1, 1, 1, 1))),
+            ("incentive_checkpointing", ":"),
+        ):
             ran = [p for p in points if tool in p]
             if not ran:
                 continue
             label = f"{TOOL_LABELS[tool]}, {model}"
             at = [p["length"] for p in ran]
-            time_ax.plot(at, [p[tool]["median_step_s"] for p in ran], style, marker="o", label=label)
-            memory_ax.plot(at, [p[tool]["peak_rss_gb"] for p in ran], style, marker="o", label=label)
+            time_ax.plot(at, [p[tool]["median_step_s"] for p in ran], linestyle=style, marker="o", label=label)
+            memory_ax.plot(at, [p[tool]["peak_rss_gb"] for p in ran], linestyle=style, marker="o", label=label)
         for p in points:
             q = p["ratios"]
             time_ax.annotate(
                 f"{q['step_time_trl_over_incentive']:.1f}x",
-                (p["length"], p["incentive"]["median_step_s"]),
+                (p["length"], min(step_time(p[t]) for t in ("incentive", "incentive_bf16") if t in p)),
                 textcoords="offset points",
                 xytext=(4, -12),
                 fontsize=8,
@@ -141,20 +153,27 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    """One row per point; the ratios are against TRL's faster precision (time) and leaner one (memory)."""
+    """One row per point. Where both tools also ran in bf16, steps read "fp32 / bf16", the ratio is the faster
+    precision's over the faster one's, and the same-precision bf16 ratio follows; memory is the default
+    (fp32) incentive's over TRL's leaner precision."""
     lines = [
-        "| model | length | TRL step (s) | TRL bf16 step (s) | incentive step (s) | ratio | TRL gen / train (s) "
+        "| model | length | TRL step (s) | incentive step (s) | ratio | bf16 ratio | TRL gen / train (s) "
         "| incentive gen / train (s) | TRL RSS (GB) | incentive RSS (GB) | memory ratio "
         "| incentive + act. ckpt: step (s) / RSS (GB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def steps(p: dict, tool: str) -> str:
+        bf16 = f" / {step_time(p[tool + '_bf16']):.1f}" if tool + "_bf16" in p else ""
+        return f"{step_time(p[tool]):.1f}{bf16}"
+
     for model, points in results["models"].items():
         for p in points:
             t, i, c, q = p["trl"], p["incentive"], p["incentive_checkpointing"], p["ratios"]
-            bf16 = f"{p['trl_bf16']['median_step_s']:.1f}" if "trl_bf16" in p else "-"
+            same = q.get("bf16_step_time_trl_over_incentive")
             lines.append(
-                f"| {model} | {p['length']} | {t['median_step_s']:.1f} | {bf16} | {i['median_step_s']:.1f} "
-                f"| {q['step_time_trl_over_incentive']:.2f}x "
+                f"| {model} | {p['length']} | {steps(p, 'trl')} | {steps(p, 'incentive')} "
+                f"| {q['step_time_trl_over_incentive']:.2f}x | {f'{same:.2f}x' if same else '-'} "
                 f"| {t['median_generate_s']:.1f} / {t['median_train_s']:.1f} "
                 f"| {i['median_generate_s']:.1f} / {i['median_train_s']:.1f} "
                 f"| {t['peak_rss_gb']:.2f} | {i['peak_rss_gb']:.2f} | {q['peak_rss_incentive_over_trl']:.2f} "
@@ -171,11 +190,11 @@ def main() -> None:
     )
     parser.add_argument("--models", nargs="+", default=["embedded", "wide"], choices=["embedded", "wide"])
     parser.add_argument(
-        "--trl-bf16",
+        "--bf16",
         nargs="+",
         default=[],
         choices=["embedded", "wide"],
-        help="models at whose points TRL also runs with bf16=True",
+        help="models at whose points both tools also update in bf16 mixed precision",
     )
     parser.add_argument("--steps", type=int, default=2, help="steps per run; the first is warm-up")
     parser.add_argument(
@@ -191,7 +210,7 @@ def main() -> None:
         "models": {},
     }
     lengths = {m: (args.wide_lengths or args.lengths) if m == "wide" else args.lengths for m in args.models}
-    runs_per_point = {m: 4 if m in args.trl_bf16 else 3 for m in args.models}
+    runs_per_point = {m: 5 if m in args.bf16 else 3 for m in args.models}
     progress = Progress("curve", sum(len(v) * runs_per_point[m] for m, v in lengths.items()))
     raw: dict[tuple[str, int], dict[str, dict]] = {}
     kept = cache_dir() / "bench" / f"cost_curve-{kind['kind']}"
@@ -206,8 +225,11 @@ def main() -> None:
                 ("incentive", work),
                 ("incentive-checkpointing", replace(work, checkpointing=True)),
             ]
-            if model in args.trl_bf16:
-                tools.append(("trl-bf16", replace(work, trl_bf16=True)))
+            if model in args.bf16:
+                tools += [
+                    ("trl-bf16", replace(work, trl_bf16=True)),
+                    ("incentive-bf16", replace(work, update_products="bfloat16")),
+                ]
             for tool, spec in tools:
                 progress.start(f"{model}, {length} tokens: {tool.replace('trl', 'TRL')}")
                 out = kept / f"{tool}-{model}-{length}.json"
@@ -221,9 +243,11 @@ def main() -> None:
     for (model, length), runs in raw.items():
         point = {tool.replace("-", "_"): summarize([run], "full", rate) for tool, run in runs.items()}
         trls = [point[t] for t in ("trl", "trl_bf16") if t in point]
-        fastest = min(trls, key=lambda r: r["median_step_s"])
-        q = ratios(fastest, point["incentive"])
+        incs = [point[t] for t in ("incentive", "incentive_bf16") if t in point]
+        q = ratios(min(trls, key=step_time), min(incs, key=step_time))
         q["peak_rss_incentive_over_trl"] = point["incentive"]["peak_rss_gb"] / min(r["peak_rss_gb"] for r in trls)
+        if "incentive_bf16" in point:
+            q["bf16_step_time_trl_over_incentive"] = step_time(point["trl_bf16"]) / step_time(point["incentive_bf16"])
         results["models"].setdefault(model, []).append(
             {"length": length, "workload": asdict(workload(names[model], length)), **point, "ratios": q, "raw": runs}
         )

@@ -24,9 +24,9 @@ the first run and after each variant's runs: the rate of a shared VM drifts by t
 measured is the strictest yardstick).
 With ``--sampling-dtype bfloat16`` incentive samples from a bf16 copy of the policy (``generation.sampling_dtype``)
 and HF ``generate`` runs a bf16 model; TRL's trainer samples with its fp32 training model as always. Those results
-go to grpo_vs_trl-WORKLOAD-MACHINE-bfloat16.{json,md}. With ``--trl-bf16`` TRL trains in bf16 mixed precision
-(``bf16=True``: autocast over fp32 weights) while incentive stays in fp32; those results
-go to grpo_vs_trl-WORKLOAD-MACHINE-trl-bf16.{json,md}.
+go to grpo_vs_trl-WORKLOAD-MACHINE-bfloat16.{json,md}. With ``--bf16-update`` both tools update in bf16 mixed
+precision (TRL ``bf16=True``, autocast over fp32 weights, which its sampling runs under too; incentive
+``model.update_products: bfloat16``); those results go to grpo_vs_trl-WORKLOAD-MACHINE-bf16-update.{json,md}.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ class Workload:
     checkpointing: bool = False
     """TRL: gradient checkpointing; incentive: ``model.activation_checkpointing``."""
     trl_bf16: bool = False
-    """TRL in bf16 mixed precision (``bf16=True``: autocast over fp32 weights); incentive stays in fp32."""
+    """TRL in bf16 mixed precision (``bf16=True``: autocast over fp32 weights)."""
+    update_products: str = "float32"
+    """incentive's ``model.update_products`` (bfloat16: its update's linear products in bf16)."""
 
 
 WORKLOADS = {
@@ -279,6 +281,7 @@ def run_incentive(variant: str, steps: int, out: Path, sampling_dtype: str, work
                 "name": work.model,
                 "lora": {"r": 16, "alpha": 32, "dropout": 0.0} if variant == "lora" else None,
                 "activation_checkpointing": work.checkpointing,
+                "update_products": work.update_products,
             },
             "data": {**DATA, "size": work.prompts * steps},
             "generation": {
@@ -519,12 +522,12 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_name(workload: str, sampling_dtype: str, trl_bf16: bool = False) -> str:
-    """The results' file stem: workload, machine kind, the sampling dtype where it is not fp32, and whether TRL
-    trained in bf16."""
+def results_name(workload: str, sampling_dtype: str, bf16_update: bool = False) -> str:
+    """The results' file stem: workload, machine kind, the sampling dtype where it is not fp32, and whether the
+    updates ran in bf16 mixed precision."""
     name = f"grpo_vs_trl-{workload}-{machine_kind()['kind']}"
     name = name if sampling_dtype == "float32" else f"{name}-{sampling_dtype}"
-    return f"{name}-trl-bf16" if trl_bf16 else name
+    return f"{name}-bf16-update" if bf16_update else name
 
 
 def main() -> None:
@@ -540,6 +543,12 @@ def main() -> None:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="short")
     parser.add_argument("--steps", type=int, default=4, help="steps (rounds) per run; the first is warm-up")
     parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=["default", "checkpointing"],
+        help="checkpointing settings to run (default: the workload's; long runs both)",
+    )
+    parser.add_argument(
         "--reps", type=int, default=3, help="runs per tool and variant, alternating (1 for a quick look)"
     )
     parser.add_argument(
@@ -549,7 +558,9 @@ def main() -> None:
         help="bfloat16: incentive samples from a bf16 copy (needs AMX), HF generate runs in bf16",
     )
     parser.add_argument(
-        "--trl-bf16", action="store_true", help="TRL trains in bf16 mixed precision (bf16=True); incentive in fp32"
+        "--bf16-update",
+        action="store_true",
+        help="both tools update in bf16 mixed precision (TRL bf16=True, incentive model.update_products: bfloat16)",
     )
     parser.add_argument(
         "--child", nargs=4, metavar=("TOOL", "VARIANT", "STEPS", "OUT"), help=argparse.SUPPRESS
@@ -565,7 +576,9 @@ def main() -> None:
         tool, variant, steps, out = args.child
         child(tool, variant, int(steps), Path(out), args.sampling_dtype, Workload(**json.loads(args.spec)))
         return
-    work = replace(WORKLOADS[args.workload], trl_bf16=args.trl_bf16)
+    work = WORKLOADS[args.workload]
+    if args.bf16_update:
+        work = replace(work, trl_bf16=True, update_products="bfloat16")
     rates = [measured_matmul_rates("before the runs")]
     results: dict = {
         "machine": {
@@ -586,10 +599,11 @@ def main() -> None:
         (variant, checkpointing)
         for variant in args.variants
         for checkpointing in (SETTINGS[args.workload] if variant != "generation" else (False,))
+        if args.settings is None or setting_name(checkpointing) in args.settings
     ]
     progress = Progress("bench", len(plan) * args.reps * 2)
     raws: dict[str, dict[str, dict[str, list[dict]]]] = {}
-    name = results_name(args.workload, args.sampling_dtype, args.trl_bf16)
+    name = results_name(args.workload, args.sampling_dtype, args.bf16_update)
     kept = cache_dir() / "bench" / name
     if not args.resume:
         shutil.rmtree(kept, ignore_errors=True)

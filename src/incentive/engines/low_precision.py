@@ -16,16 +16,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from incentive.cpu import CPUINFO, cpu_flags
 from incentive.models.lora import base_model
 
 
-def has_bf16_units(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def has_bf16_units(cpuinfo: Path = CPUINFO) -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (the ``amx_bf16`` flag)."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+    return "amx_bf16" in cpu_flags(cpuinfo)
 
 
 def require_bf16_units() -> None:

@@ -19,21 +19,18 @@ from typing import Any
 
 import torch
 
+from incentive.cpu import CPUINFO, cpu_flags
+
 _weights: dict[tuple[int, torch.Size, tuple[int, ...], int], torch.Tensor] | None = None
 """Inside :func:`bf16_products`, the bf16 copies of the weights rounded so far; None outside it."""
 
 
-def has_bf16_products(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def has_bf16_products(cpuinfo: Path = CPUINFO) -> bool:
     """Whether this CPU multiplies bf16 in hardware: the ``avx512_bf16`` or ``amx_bf16`` flag."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return False
-    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
-def require_bf16_products(cpuinfo: Path = Path("/proc/cpuinfo")) -> None:
+def require_bf16_products(cpuinfo: Path = CPUINFO) -> None:
     """Refuse bf16 update products on a CPU that would emulate them, before any model is loaded."""
     if not torch.backends.mkldnn.is_available():
         raise ValueError("model.update_products: bfloat16 runs through oneDNN, which this torch build lacks")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from incentive.cpu import CPUINFO, cpu_vendors
 from incentive.models import bf16_products
 
 _MIN_SUMMED_FOR_ONEDNN = 64
@@ -30,17 +31,13 @@ _MKL_GENERIC_VENDORS = frozenset({"AuthenticAMD", "HygonGenuine"})
 
 
 @functools.cache
-def onednn_preferred(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def onednn_preferred(cpuinfo: Path = CPUINFO) -> bool:
     """Whether linear layers should go through oneDNN by default: where this torch has it and the CPU is one on
     which MKL runs generic code (AMD, Hygon). Decided by vendor, not by timing, so that the same machine always
     makes the same choice and runs stay reproducible."""
     if not onednn_available():
         return False
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return False
-    vendors = {line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")}
+    vendors = cpu_vendors(cpuinfo)
     return bool(vendors) and vendors <= _MKL_GENERIC_VENDORS
 
 

@@ -13,7 +13,8 @@ def cpuinfo_values(key: str, cpuinfo: Path = CPUINFO) -> list[str]:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
         return []
-    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":", 1)[0].strip() == key]
+    fields = (line.partition(":") for line in text.splitlines())
+    return [value.strip() for name, colon, value in fields if colon and name.strip() == key]
 
 
 def cpu_vendors(cpuinfo: Path = CPUINFO) -> set[str]:

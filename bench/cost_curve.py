@@ -119,7 +119,7 @@ def plot(results: dict, path: Path) -> None:
                 continue
             label = f"{TOOL_LABELS[tool]}, {model}"
             at = [p["length"] for p in ran]
-            time_ax.plot(at, [p[tool]["median_step_s"] for p in ran], linestyle=style, marker="o", label=label)
+            time_ax.plot(at, [step_time(p[tool]) for p in ran], linestyle=style, marker="o", label=label)
             memory_ax.plot(at, [p[tool]["peak_rss_gb"] for p in ran], linestyle=style, marker="o", label=label)
         for p in points:
             q = p["ratios"]
@@ -177,7 +177,7 @@ def table(results: dict) -> str:
                 f"| {t['median_generate_s']:.1f} / {t['median_train_s']:.1f} "
                 f"| {i['median_generate_s']:.1f} / {i['median_train_s']:.1f} "
                 f"| {t['peak_rss_gb']:.2f} | {i['peak_rss_gb']:.2f} | {q['peak_rss_incentive_over_trl']:.2f} "
-                f"| {c['median_step_s']:.1f} / {c['peak_rss_gb']:.2f} |"
+                f"| {step_time(c):.1f} / {c['peak_rss_gb']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 

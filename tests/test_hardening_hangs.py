@@ -286,3 +286,23 @@ def test_a_stop_request_leaves_the_previous_handlers_in_place():
         stop._handle(signals.SIGTERM, None)
         assert stop.requested == "SIGTERM"
     assert signals.getsignal(signals.SIGTERM) is before
+
+
+def test_a_process_that_exits_on_stop_ignores_repeats_from_the_moment_the_stop_leaves_the_loop(monkeypatch):
+    """The CLI exits after a stop: leaving the loop with StopRequested must not put the default action back even
+    briefly, or a repeated SIGTERM kills it (-15) before it reports and returns 130."""
+    from incentive.training import signals as stop_signals
+    from incentive.training.signals import StopRequested
+
+    before = {sig: signal.getsignal(sig) for sig in GracefulStop.SIGNALS}
+    monkeypatch.setattr(stop_signals, "exiting_on_stop", True)
+    try:
+        with GracefulStop():  # left without a stop: the handlers come back
+            pass
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        with pytest.raises(StopRequested), GracefulStop():
+            raise StopRequested("stopped")
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in GracefulStop.SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -369,9 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     from incentive.data import DataError
     from incentive.models import ModelLoadError
     from incentive.run import RunError
+    from incentive.training import signals
     from incentive.training.signals import StopRequested, ignore_stop_signals
     from incentive.training.stage import StageStateMismatch, StepFailed
 
+    signals.exiting_on_stop = True
     try:
         return args.func(args)
     except StopRequested as err:

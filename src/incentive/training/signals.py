@@ -66,8 +66,17 @@ class GracefulStop:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if exiting_on_stop and exc_type is StopRequested:
+            ignore_stop_signals()  # no window with the default action between here and the process's exit
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+exiting_on_stop = False
+"""Set by a process that exits once a run stops on request (the CLI): leaving :class:`GracefulStop` with
+StopRequested then ignores further signals instead of putting the default action back, which a repeated
+signal could otherwise hit before the process reports and exits."""
 
 
 def ignore_stop_signals() -> None:

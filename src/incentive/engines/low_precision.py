@@ -5,8 +5,8 @@ embedded model's linear layers take ~50 ms per step on a 2-core Sapphire Rapids 
 policy's architecture in bf16 (a LoRA policy's adapter merged in), loaded from the live weights before the
 first rollout and again after each update (``Engine.weights_changed``). Completions then come from rounded
 weights: the trainer still scores them with the fp32 policy, as verl and OpenRLHF score bf16 vLLM rollouts.
-On CPUs without AMX bf16 products are slower than fp32 by ~50x (measured on an AMD EPYC), so the option is
-refused there.
+On CPUs without AMX the copy's bf16 products (MKL's, through ``F.linear``) are ~50x slower than fp32 (measured
+on an AMD EPYC), so the option is refused there.
 """
 
 from __future__ import annotations

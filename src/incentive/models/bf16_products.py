@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from incentive.cpu import CPUINFO, cpu_flags
+from incentive.models import lean_saves
 
 _weights: dict[tuple[int, torch.Size, tuple[int, ...], int], torch.Tensor] | None = None
 """Inside :func:`bf16_products`, the bf16 copies of the weights rounded so far; None outside it."""
@@ -66,15 +67,20 @@ def weights_changed() -> None:
 
 def rounded(t: torch.Tensor) -> torch.Tensor:
     """``t`` in bf16, detached (strides kept, so a transposed view stays one); a weight (a parameter or a view of
-    one) is rounded once until :func:`weights_changed` or an in-place write, an activation every time."""
+    one) is rounded once until :func:`weights_changed` or an in-place write, an activation every time (and where
+    the activation is one :mod:`incentive.models.lean_saves` remakes, so is its rounding)."""
     root = t if t._base is None else t._base
     if _weights is None or not isinstance(root, torch.nn.Parameter):
-        return t.detach().to(torch.bfloat16)
+        return lean_saves.derived(_to_bf16(t), t, _to_bf16)
     key = (t.data_ptr(), t.shape, t.stride(), root._version)
     copy = _weights.get(key)
     if copy is None:
         copy = _weights[key] = t.detach().to(torch.bfloat16)
     return copy
+
+
+def _to_bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.bfloat16)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

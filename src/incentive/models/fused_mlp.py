@@ -25,6 +25,12 @@ def _fused_class(cls: type) -> type:
     return _FUSED[cls]
 
 
+def is_fused(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was switched by :func:`use_fused_swiglu` (its forward is :func:`swiglu` between the
+    gate/up and down projections)."""
+    return type(module) in _FUSED.values()
+
+
 def is_gated_silu_mlp(module: torch.nn.Module) -> bool:
     """Whether ``module`` is (or derives from) one of :data:`MLP_CLASSES` with a SiLU activation."""
     names = {cls.__name__ for cls in type(module).__mro__}

@@ -9,12 +9,12 @@ keys and values, and gathered back. The modules are the model's own, called in t
 is SDPA on the key/value heads (``enable_gqa``), the arithmetic of transformers' SDPA path; values and gradients
 equal the padded forward's to fp32 rounding (tested).
 
-Without it, each layer's norm outputs, SwiGLU product and attention output are not kept for the backward pass
-but made again there from tensors it keeps anyway (:mod:`incentive.models.lean_saves`): about a third less
-activation memory per token for a few element-wise passes, with the same gradients bit for bit.
 With :func:`recompute_layers` on (``model.activation_checkpointing`` in a recipe), each decoder layer keeps only
 its input for the backward pass and runs again there (``torch.utils.checkpoint``): about one more forward pass
-of compute for a fraction of the activation memory, with the same gradients.
+of compute for a fraction of the activation memory, with the same gradients. Without it, each layer's two norm
+outputs, SwiGLU product and attention output are still not kept but made again in the backward pass from tensors
+it keeps anyway (:mod:`incentive.models.lean_saves`): a few element-wise passes for four fewer activations per
+layer, with the same gradients bit for bit.
 """
 
 from __future__ import annotations

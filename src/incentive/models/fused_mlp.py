@@ -1,12 +1,16 @@
 """Llama-family MLPs, ``down(silu(gate(x)) * up(x))``, with the activation and its product through
-:func:`incentive.kernels.swiglu.swiglu`: one pass each way instead of five, one saved activation fewer."""
+:func:`incentive.kernels.swiglu.swiglu`: one pass each way instead of five, one saved activation fewer; inside :func:`incentive.models.lean_saves.lean_saves` the product is remade in the
+backward pass from the gate and up projections instead of kept."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from transformers.activations import SiLUActivation
 
 from incentive.kernels.swiglu import swiglu
+from incentive.models.lean_saves import remade
 
 MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
 """transformers' MLP modules that compute ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``."""
@@ -15,7 +19,8 @@ _FUSED: dict[type, type] = {}
 
 
 def _forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(remade(swiglu(gate, up), functools.partial(swiglu, gate, up)))
 
 
 def _fused_class(cls: type) -> type:
@@ -23,12 +28,6 @@ def _fused_class(cls: type) -> type:
     if cls not in _FUSED:
         _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _forward})
     return _FUSED[cls]
-
-
-def is_fused(module: torch.nn.Module) -> bool:
-    """Whether ``module`` was switched by :func:`use_fused_swiglu` (its forward is :func:`swiglu` between the
-    gate/up and down projections)."""
-    return type(module) in _FUSED.values()
 
 
 def is_gated_silu_mlp(module: torch.nn.Module) -> bool:

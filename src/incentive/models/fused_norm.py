@@ -1,13 +1,17 @@
 """RMSNorm through PyTorch's fused forward kernel: the same numbers in fp32 as the transformers modules (tested
 bit-equal), one saved activation fewer per norm, and five element-wise ops become one. The backward pass goes
 through :func:`incentive.kernels.rms_norm.rms_norm` (one kernel instead of PyTorch's ~20 ops on the CPU; its
-gradients equal the modules' to fp32 rounding, tested)."""
+gradients equal the modules' to fp32 rounding, tested). Inside :func:`incentive.models.lean_saves.lean_saves`
+the output is remade in the backward pass from the input instead of kept."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from incentive.kernels.rms_norm import rms_norm
+from incentive.models.lean_saves import remade
 
 # transformers' RMSNorm modules that compute weight * (x / rms(x)) in fp32 with ``variance_epsilon``.
 NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
@@ -15,7 +19,8 @@ _FUSED: dict[type, type] = {}
 
 
 def _forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    args = (hidden_states, self.weight, self.variance_epsilon)
+    return remade(rms_norm(*args), functools.partial(rms_norm, *args))
 
 
 def _fused_class(cls: type) -> type:

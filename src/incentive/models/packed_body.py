@@ -13,7 +13,8 @@ With :func:`recompute_layers` on (``model.activation_checkpointing`` in a recipe
 its input for the backward pass and runs again there (``torch.utils.checkpoint``): about one more forward pass
 of compute for a fraction of the activation memory, with the same gradients. Without it, each layer's two norm
 outputs, SwiGLU product and attention output are still not kept but made again in the backward pass from tensors
-it keeps anyway (:mod:`incentive.models.lean_saves`): a few element-wise passes for four fewer activations per
+it keeps anyway (:mod:`incentive.models.lean_saves`; the fused norm and MLP modules mark theirs, the body its
+attention output): a few element-wise passes for four fewer activations per
 layer, with the same gradients bit for bit.
 """
 
@@ -31,8 +32,6 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from incentive.kernels.rotary import rotary
-from incentive.kernels.swiglu import swiglu
-from incentive.models import fused_mlp
 from incentive.models.lean_saves import lean_saves, remade
 from incentive.models.llama_family import is_plain_llama_family
 from incentive.models.lora import base_model
@@ -174,7 +173,7 @@ class PackedBody:
     ) -> torch.Tensor:
         """One decoder layer on the packed tokens ``hidden`` [tokens, hidden size]."""
         attention = layer.self_attn
-        x = _norm(layer.input_layernorm, hidden)
+        x = layer.input_layernorm(hidden)
         shape = (len(x), -1, attention.head_dim)
         q = attention.q_proj(x).view(shape)
         k = attention.k_proj(x).view(shape)
@@ -183,21 +182,7 @@ class PackedBody:
         outs = [_attend(group, q, k, v, keys, values, attention.scaling) for group in rows.groups]
         attended = remade(_gathered(outs, rows.groups), functools.partial(_gathered, outs, rows.groups))
         hidden = hidden + attention.o_proj(attended)
-        return hidden + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, hidden))
-
-
-def _norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``norm(hidden)``, remade in the backward pass from ``hidden`` (which the norm keeps)."""
-    return remade(norm(hidden), functools.partial(norm, hidden))
-
-
-def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mlp(x)``; for a fused SwiGLU MLP the same arithmetic with the SwiGLU product remade in the backward pass
-    from the gate and up projections (which :func:`swiglu` keeps)."""
-    if not fused_mlp.is_fused(mlp):
-        return mlp(x)
-    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    return mlp.down_proj(remade(swiglu(gate, up), functools.partial(swiglu, gate, up)))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def _gathered(outs: Sequence[torch.Tensor], groups: Sequence[_AttentionGroup]) -> torch.Tensor:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -112,7 +113,8 @@ def machine_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str | bool]
         pass
     vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(fields.get("vendor_id", ""), platform.machine())
     model = fields.get("model name", "")
-    family = next((w.lower() for w in model.split() if w.lower() in {"epyc", "xeon", "ryzen", "core"}), "cpu")
+    words = re.sub(r"\((r|tm)\)", " ", model.lower()).split()
+    family = next((w for w in words if w in {"epyc", "xeon", "ryzen", "core"}), "cpu")
     flags = fields.get("flags", "").split()
     return {
         "kind": f"{vendor}-{family}",

@@ -4,6 +4,7 @@ log-softmax, element-wise work and the rest.
 
     .venv/bin/python bench/profile_update.py --prompts 4 --samples 4 --length 1024
     .venv/bin/python bench/profile_update.py --prompts 8 --samples 8 --length 512 --lora
+    .venv/bin/python bench/profile_update.py --prompts 8 --samples 8 --length 512 --bf16-products
 
 The completions are random tokens of exactly ``--length`` after chain-sum prompts of the benchmark's kind (the
 update's cost does not depend on what the tokens are). Prints the top operators and the grouped shares, and
@@ -13,6 +14,7 @@ writes bench/results/profile_update-MACHINE-LENGTH.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -22,6 +24,7 @@ from grpo_vs_trl import ROOT, examples, machine_kind
 from incentive.config import LoraConfig, ModelConfig, TemplateConfig
 from incentive.logprobs import backward_target_logprobs
 from incentive.models import load_tokenizer
+from incentive.models.bf16_products import bf16_products
 from incentive.run import build_template
 from incentive.training.policy import build_policy
 
@@ -46,6 +49,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--checkpointing", action="store_true", help="model.activation_checkpointing")
+    parser.add_argument("--bf16-products", action="store_true", help="model.update_products: bfloat16")
     args = parser.parse_args()
     torch.manual_seed(0)
     tokenizer = load_tokenizer("embedded")
@@ -54,6 +58,7 @@ def main() -> None:
             name="embedded",
             lora=LoraConfig(r=16, alpha=32, dropout=0.0) if args.lora else None,
             activation_checkpointing=args.checkpointing,
+            update_products="bfloat16" if args.bf16_products else "float32",
         )
     )
     policy.train()
@@ -66,11 +71,13 @@ def main() -> None:
     def loss_of(indices: list[int], logprobs: list[torch.Tensor]) -> torch.Tensor:
         return -sum((lp.sum() for lp in logprobs), torch.zeros(())) / (len(rows) * args.length)
 
-    backward_target_logprobs(policy, contexts, targets, rows, loss_of)  # warm-up
-    policy.zero_grad()
-    start = time.perf_counter()
-    with torch.profiler.profile() as prof:
-        backward_target_logprobs(policy, contexts, targets, rows, loss_of)
+    products = bf16_products() if args.bf16_products else contextlib.nullcontext()
+    with products:
+        backward_target_logprobs(policy, contexts, targets, rows, loss_of)  # warm-up
+        policy.zero_grad()
+        start = time.perf_counter()
+        with torch.profiler.profile() as prof:
+            backward_target_logprobs(policy, contexts, targets, rows, loss_of)
     seconds = time.perf_counter() - start
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
@@ -81,7 +88,7 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     print(f"update {seconds:.1f} s (profiled); " + ", ".join(f"{k} {v / total:.0%}" for k, v in groups.items()))
     kind = machine_kind()
-    out = ROOT / "bench" / "results" / f"profile_update-{kind['kind']}-{args.length}.json"
+    out = ROOT / "bench" / "results" / f"profile_update-{kind['kind']}-{args.length}{'-bf16' if args.bf16_products else ''}.json"
     out.write_text(
         json.dumps(
             {

@@ -191,6 +191,30 @@ def test_one_kernel_per_layer_equals_the_op_by_op_step(tiny_each_backend):
 
 
 @torch.no_grad()
+def test_one_kernel_per_layer_up_to_its_row_limit_then_op_by_op(tiny_each_backend, monkeypatch):
+    """The fused layer runs batches of up to ``FUSED_MAX_ROWS`` rows, on either linear backend; above that the
+    layers run op by op, with the same logits to fp32 rounding."""
+    if build.kernel_ops() is None:
+        pytest.skip(f"kernels unavailable: {build.unavailable_reason()}")
+    from incentive.engines import decode_step
+
+    model = tiny_each_backend[0]
+    monkeypatch.setattr(decode_step, "FUSED_MAX_ROWS", 2)
+    calls = []
+    fused_call = decode_step._FusedLayer.__call__
+    monkeypatch.setattr(decode_step._FusedLayer, "__call__", lambda *a: calls.append(1) or fused_call(*a))
+    step = DecodeStep.for_model(model)
+    logits = {}
+    for contexts in ([[5, 6, 7], [8, 9]], [[5, 6, 7], [8, 9], [10, 11, 12, 13]]):
+        calls.clear()
+        cache, mask, positions = _prefilled(model, contexts)
+        mask = torch.cat([mask, mask.new_ones(len(contexts), 1)], dim=1)
+        logits[len(contexts)] = step(torch.arange(30, 30 + len(contexts)), positions, mask, cache)
+        assert len(calls) == (len(step.layers) if len(contexts) <= 2 else 0)
+    torch.testing.assert_close(logits[3][:2], logits[2], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_rows_leave_the_batch_without_copying_the_cache(tiny_each_backend):
     """Rows that finish are dropped by index (no copy of any layer's buffers) on the fused path and by copying
     on the op-by-op path: the same logits and cache contents, in the new row order; the next op-by-op update

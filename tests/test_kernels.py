@@ -103,7 +103,7 @@ def test_rejects_what_it_does_not_compute():
 
 @pytest.mark.parametrize("onednn", [False, True])
 def test_many_rows_and_other_dtypes_go_to_f_linear(monkeypatch, onednn):
-    """Bit-equal to F.linear where the kernel does not run: above the row limit of this kind of machine (32 where
+    """Bit-equal to F.linear where the kernel does not run: above the row limit of this kind of machine (64 where
     MKL is the linear layers' BLAS, 128 where oneDNN is), bf16, no rows; the kernel up to the limit."""
     monkeypatch.setattr(small_rows, "onednn_preferred", lambda: onednn)
     assert small_rows.max_rows() == (small_rows.MAX_ROWS_ONEDNN if onednn else small_rows.MAX_ROWS_MKL)

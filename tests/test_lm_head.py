@@ -1,12 +1,15 @@
 """The fused LM head: the same logprobs and gradients as log-softmax over full logits, in any chunking."""
 
+import contextlib
+
 import pytest
 import torch
 
 from incentive import lm_head
+from incentive.grad_in_place import gradients_in_place
 from incentive.lm_head import FusedHead, LogitsHead, head_for, target_logprobs_from_hidden
 from incentive.logprobs import _shared_context_logprobs
-from incentive.models import load_model
+from incentive.models import bf16_products, load_model
 from incentive.models.onednn import onednn_available
 
 
@@ -38,6 +41,47 @@ def test_fused_logprobs_and_gradients_equal_full_log_softmax(monkeypatch, chunk,
     fused = run(lambda h, w: target_logprobs_from_hidden(h, w, tokens, temperature, onednn))
     for a, b in zip(fused, run(reference), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not (onednn_available() and bf16_products.has_bf16_products()),
+    reason="this CPU has no bf16 instructions (avx512_bf16, amx_bf16) or this torch build no oneDNN",
+)
+@pytest.mark.parametrize(("chunk", "kept"), [(256, 4), (3, 4), (3, 2), (2, 3)])  # one group; 2 or 4 groups
+@pytest.mark.parametrize("weight_grad", ["returned", "into .grad", "added to .grad"])
+def test_bf16_head_gradients_are_the_autocast_products(monkeypatch, chunk, kept, weight_grad):
+    """Under bf16 products the head's backward rounds each logit gradient once and runs the weight gradient's
+    product over groups of ``KEPT_CHUNKS`` chunks: the result is the bf16 products of autocast's arithmetic
+    (PyTorch's own bf16 matmuls over full logits), to bf16 rounding, and not the fp32 one in disguise."""
+    monkeypatch.setattr(lm_head, "CHUNK_POSITIONS", chunk)
+    monkeypatch.setattr(lm_head, "KEPT_CHUNKS", kept)
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(11, 32, generator=gen)
+    weight = torch.randn(500, 32, generator=gen) / 4
+    tokens = torch.randint(0, 500, (11,), generator=gen)
+    upstream = torch.randn(11, generator=gen)
+
+    def run(fn, bf16):
+        h, w = hidden.clone().requires_grad_(True), torch.nn.Parameter(weight.clone())
+        if weight_grad == "added to .grad":
+            w.grad = torch.ones_like(w)  # a gradient already there is added to, in fp32
+        in_place = gradients_in_place() if weight_grad != "returned" else contextlib.nullcontext()
+        with bf16_products.bf16_products() if bf16 else contextlib.nullcontext(), in_place:
+            out = fn(h, w)
+            (out * upstream).sum().backward()
+        return out.detach(), h.grad, w.grad
+
+    def autocast(h, w):
+        logits = torch.nn.functional.linear(h.bfloat16(), w.bfloat16()).float()
+        return torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+
+    fused = run(lambda h, w: target_logprobs_from_hidden(h, w, tokens, 1.0, True), True)
+    exact = run(lambda h, w: target_logprobs_from_hidden(h, w, tokens, 1.0, True), False)
+    for got, want, full in zip(fused, run(autocast, False), exact, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        rel = (got - full).norm() / full.norm()
+        assert 1e-5 < rel < 2e-2
 
 
 @pytest.mark.parametrize(("chunk", "kept"), [(256, 4), (3, 4), (3, 2)])

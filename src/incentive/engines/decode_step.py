@@ -35,6 +35,11 @@ from incentive.models.llama_family import is_plain_llama_family
 from incentive.models.lora import base_model
 from incentive.models.onednn import is_plain_linear
 
+FUSED_MAX_ROWS = 128
+"""Rows up to which a layer runs as one kernel call: on both CPU kinds measured (AMD EPYC, Intel Sapphire Rapids)
+the one-kernel step is faster than the op-by-op one up to here, also where the op-by-op step's products are
+faster through the BLAS than through the small-row kernel (see docs/performance.md)."""
+
 
 class DecodeStep:
     """Logits of the next token for each row, given its last token, its position and its attention mask."""
@@ -82,7 +87,7 @@ class DecodeStep:
         cos, sin = cos[:, None], sin[:, None]
         rotated = (self.heads + self.kv_heads) * self.head_dim
         allowed = mask.bool()
-        ops = build.ops_for(hidden) if rows <= small_rows.max_rows() else None
+        ops = build.ops_for(hidden) if rows <= FUSED_MAX_ROWS else None
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             if not isinstance(kv, PreallocatedLayer):
                 raise TypeError("the decode step writes into a preallocated cache (engines.kv.preallocate)")

@@ -83,9 +83,14 @@ def _to_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.bfloat16)
 
 
+def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` through oneDNN for bf16 ``a`` and ``b`` (either may be a transposed view), in bf16."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` through oneDNN for bf16 ``a`` and ``b`` (``b`` may be a transposed view), in fp32."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "").float()
+    """:func:`product` in fp32."""
+    return product(a, b).float()
 
 
 class Bf16Linear(torch.autograd.Function):

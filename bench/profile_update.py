@@ -8,7 +8,7 @@ log-softmax, element-wise work and the rest.
 
 The completions are random tokens of exactly ``--length`` after chain-sum prompts of the benchmark's kind (the
 update's cost does not depend on what the tokens are). Prints the top operators and the grouped shares, and
-writes bench/results/profile_update-MACHINE-LENGTH.json.
+writes bench/results/profile_update-MACHINE-LENGTH[-bf16].json.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     print(f"update {seconds:.1f} s (profiled); " + ", ".join(f"{k} {v / total:.0%}" for k, v in groups.items()))
     kind = machine_kind()
-    out = ROOT / "bench" / "results" / f"profile_update-{kind['kind']}-{args.length}{'-bf16' if args.bf16_products else ''}.json"
+    suffix = "-bf16" if args.bf16_products else ""
+    out = ROOT / "bench" / "results" / f"profile_update-{kind['kind']}-{args.length}{suffix}.json"
     out.write_text(
         json.dumps(
             {

@@ -1,11 +1,11 @@
 """``x Wᵀ + b`` for the few rows of a decode step, through an AVX-512 kernel of ours (``small_rows.cpp``).
 
-A decode step multiplies a few dozen rows by every weight of the model. MKL's fp32 GEMM packs each weight into blocks
-before it multiplies, so at these row counts it reads the weights and then computes, one after the other: on
-a 2-core Xeon the linear layers of the embedded model take ~50 ms per step at 16 rows against ~20 ms for one
-pass over their 424 MB. The kernel reads each weight once, in its ``nn.Linear`` layout, prefetching ahead while
-it multiplies (see docs/performance.md). Above :func:`max_rows` rows the BLAS is faster again and takes over, as
-it does where the kernels are not built (:mod:`incentive.kernels.build`).
+A decode step multiplies a few dozen rows by every weight of the model. MKL's fp32 GEMM packs each weight into
+blocks before it multiplies, so at these row counts it reads the weights and then computes, one after the
+other, far slower than one pass over the weights would take. The kernel reads each weight once, in its
+``nn.Linear`` layout, prefetching ahead while it multiplies (measurements in docs/performance.md). Above
+:func:`max_rows` rows the BLAS is faster again and takes over, as it does where the kernels are not built
+(:mod:`incentive.kernels.build`).
 Sums run in a fixed order, so results are deterministic and do not depend on the thread count; they agree with
 ``F.linear`` to fp32 rounding, not bit for bit.
 """
@@ -21,8 +21,8 @@ from incentive.kernels import build
 from incentive.models.onednn import onednn_preferred
 
 MAX_ROWS_MKL = 64
-"""Rows up to which the kernel beats MKL where MKL runs its own AVX-512 code (Intel CPUs): measured on a 2-core
-Sapphire Rapids as whole op-by-op decode steps, see docs/performance.md."""
+"""Rows up to which the kernel beats MKL where MKL runs its own AVX-512 code (Intel CPUs): measured on a
+2-core Sapphire Rapids as whole op-by-op decode steps, see docs/performance.md."""
 MAX_ROWS_ONEDNN = 128
 """Rows up to which the kernel beats oneDNN (and MKL's AVX2 code) on the CPUs where the linear layers go through
 oneDNN (AMD): measured on a 2-core EPYC, see docs/performance.md."""

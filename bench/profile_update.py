@@ -23,6 +23,7 @@ from grpo_vs_trl import ROOT, examples, machine_kind
 
 from incentive.config import LoraConfig, ModelConfig, TemplateConfig
 from incentive.logprobs import backward_target_logprobs
+from incentive.malloc import keep_freed_memory
 from incentive.models import load_tokenizer
 from incentive.models.bf16_products import bf16_products
 from incentive.run import build_template
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="model.activation_checkpointing")
     parser.add_argument("--bf16-products", action="store_true", help="model.update_products: bfloat16")
     args = parser.parse_args()
+    keep_freed_memory()  # as a run does: freed blocks stay in the heap instead of going back to the OS
     torch.manual_seed(0)
     tokenizer = load_tokenizer("embedded")
     policy = build_policy(

@@ -11,6 +11,7 @@ whose head is more than one linear layer (logit soft-capping, scaling, a LoRA-wr
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -157,78 +158,75 @@ class _TargetLogprobs(torch.autograd.Function):
             return log_softmax_backward_(logits, lse[part], tokens[part], grad[part], 1.0 / ctx.temperature)
 
         in_place = weight if want_weight and ctx.in_place else None
-        if ctx.onednn and bf16_products.active():
-            d_weight = _bf16_products(logit_gradient, hidden, weight, d_hidden, want_weight, in_place)
-        else:
-            d_weight = _products(logit_gradient, hidden, weight, d_hidden, want_weight, in_place, ctx.onednn)
+        products = _HeadProducts(logit_gradient, hidden, weight, d_hidden, want_weight, in_place)
+        d_weight = products.bf16() if ctx.onednn and bf16_products.active() else products.by_chunk(ctx.onednn)
         return d_hidden, d_weight, None, None, None
 
 
-def _products(
-    logit_gradient: Callable[[slice], torch.Tensor],
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    d_hidden: torch.Tensor | None,
-    want_weight: bool,
-    in_place: torch.Tensor | None,
-    onednn: bool,
-) -> torch.Tensor | None:
-    """The head's backward products chunk by chunk: ``d_hidden`` filled, the weight gradient added into
-    ``in_place``'s ``.grad`` or returned."""
-    d_weight: torch.Tensor | None = None
-    for part in reversed(_chunks(hidden.shape[0])):
-        d_logits = logit_gradient(part)
-        if d_hidden is not None:
-            d_hidden[part] = onednn_linear(d_logits, weight.t()) if onednn else d_logits @ weight
-        if in_place is not None:
-            if onednn:
-                add_tensor(in_place, matmul(d_logits.t(), hidden[part]))
-            else:
-                add_product(in_place, d_logits.t(), hidden[part])
-        elif want_weight:
-            part_weight = matmul(d_logits.t(), hidden[part]) if onednn else d_logits.t() @ hidden[part]
-            # the first chunk's product is the sum so far: no zero-filled [vocab, d] tensor to add it to
-            d_weight = part_weight if d_weight is None else d_weight.add_(part_weight)
-        del d_logits  # freed before the next chunk's logits are made
-    return d_weight
+@dataclass
+class _HeadProducts:
+    """The head's backward products: ``d_hidden`` filled chunk by chunk, the weight gradient added into
+    ``in_place``'s ``.grad`` or returned; ``logit_gradient`` gives each chunk's logit gradient, chunks last to
+    first."""
 
+    logit_gradient: Callable[[slice], torch.Tensor]
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    d_hidden: torch.Tensor | None
+    want_weight: bool
+    in_place: torch.Tensor | None
 
-def _bf16_products(
-    logit_gradient: Callable[[slice], torch.Tensor],
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    d_hidden: torch.Tensor | None,
-    want_weight: bool,
-    in_place: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """:func:`_products` with bf16 products (:mod:`incentive.models.bf16_products`): each chunk's logit
-    gradient is rounded once, for both products, and the weight gradient's product runs once per
-    ``KEPT_CHUNKS`` chunks, summing over all their positions: over one chunk's few positions its [vocab, d]
-    result costs more to widen and add than the product itself. The result is rounded to bf16, as autocast
-    rounds a weight's gradient, and added in fp32."""
-    d_weight: torch.Tensor | None = None
-    positions = hidden.shape[0]
-    parts = _chunks(positions)
-    rounded_weight = bf16_products.rounded(weight)
-    for end in range(len(parts), 0, -KEPT_CHUNKS):
-        group = parts[max(0, end - KEPT_CHUNKS) : end]
-        first, stop = group[0].start, min(group[-1].stop, positions)
-        rounded_grads = hidden.new_empty((stop - first, weight.shape[0]), dtype=torch.bfloat16)
-        for part in reversed(group):
-            rows = rounded_grads[part.start - first : min(part.stop, positions) - first]
-            rows.copy_(logit_gradient(part))
+    def by_chunk(self, onednn: bool) -> torch.Tensor | None:
+        """Both products for each chunk, through oneDNN if ``onednn``, else the default BLAS."""
+        hidden, weight, d_hidden = self.hidden, self.weight, self.d_hidden
+        d_weight: torch.Tensor | None = None
+        for part in reversed(_chunks(hidden.shape[0])):
+            d_logits = self.logit_gradient(part)
             if d_hidden is not None:
-                d_hidden[part] = bf16_products.product(rows, rounded_weight.t()).float()
-        if want_weight:
-            part_weight = bf16_products.product(rounded_grads.t(), hidden[first:stop].to(torch.bfloat16).t())
-            holder = in_place.grad if in_place is not None else d_weight
-            if holder is not None:
-                holder.add_(part_weight)
-            elif in_place is not None:
-                in_place.grad = part_weight.float()
-            else:
-                d_weight = part_weight.float()
-    return d_weight
+                d_hidden[part] = onednn_linear(d_logits, weight.t()) if onednn else d_logits @ weight
+            if self.in_place is not None:
+                if onednn:
+                    add_tensor(self.in_place, matmul(d_logits.t(), hidden[part]))
+                else:
+                    add_product(self.in_place, d_logits.t(), hidden[part])
+            elif self.want_weight:
+                part_weight = matmul(d_logits.t(), hidden[part]) if onednn else d_logits.t() @ hidden[part]
+                # the first chunk's product is the sum so far: no zero-filled [vocab, d] tensor to add it to
+                d_weight = part_weight if d_weight is None else d_weight.add_(part_weight)
+            del d_logits  # freed before the next chunk's logits are made
+        return d_weight
+
+    def bf16(self) -> torch.Tensor | None:
+        """With bf16 products (:mod:`incentive.models.bf16_products`): each chunk's logit gradient is rounded
+        once, for both products, and the weight gradient's product runs once per ``KEPT_CHUNKS`` chunks,
+        summing over all their positions: over one chunk's few positions its [vocab, d] result costs more to
+        widen and add than the product itself. That result is rounded to bf16, as autocast rounds a weight's
+        gradient, and added in fp32."""
+        hidden, weight, d_hidden, in_place = self.hidden, self.weight, self.d_hidden, self.in_place
+        d_weight: torch.Tensor | None = None
+        positions = hidden.shape[0]
+        parts = _chunks(positions)
+        rounded_weight = bf16_products.rounded(weight)
+        for end in range(len(parts), 0, -KEPT_CHUNKS):
+            group = parts[max(0, end - KEPT_CHUNKS) : end]
+            first, stop = group[0].start, min(group[-1].stop, positions)
+            rounded_grads = hidden.new_empty((stop - first, weight.shape[0]), dtype=torch.bfloat16)
+            for part in reversed(group):
+                rows = rounded_grads[part.start - first : min(part.stop, positions) - first]
+                rows.copy_(self.logit_gradient(part))
+                if d_hidden is not None:
+                    d_hidden[part] = bf16_products.product(rows, rounded_weight.t()).float()
+            if self.want_weight:
+                rounded_hidden = hidden[first:stop].to(torch.bfloat16)
+                part_weight = bf16_products.product(rounded_grads.t(), rounded_hidden.t())
+                holder = in_place.grad if in_place is not None else d_weight
+                if holder is not None:
+                    holder.add_(part_weight)
+                elif in_place is not None:
+                    in_place.grad = part_weight.float()
+                else:
+                    d_weight = part_weight.float()
+        return d_weight
 
 
 def _chunks(positions: int) -> list[slice]:

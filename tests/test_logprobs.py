@@ -417,3 +417,49 @@ def test_activation_checkpointing_is_refused_where_the_packed_body_cannot_run():
             build_policy(ModelConfig(name="tiny-random", activation_checkpointing=True))
         finally:
             policy.recompute_layers = original
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+def test_shared_contexts_go_back_one_layer_at_a_time(tiny_each_backend, prefill):
+    """After the targets' passes the contexts' layers run again one at a time from the top, each one's
+    backward pass before the next one down is made, so only one layer's activations are alive; they start
+    from the layer inputs that the contexts' first run (the update's own, or the engine's prefill) recorded,
+    so the contexts run no second forward of all their layers."""
+    from incentive.engines import ENGINES, SamplingParams
+    from incentive.logprobs import backward_target_logprobs
+
+    model, tokenizer = tiny_each_backend
+    gen = torch.Generator().manual_seed(5)
+    c1, c2 = (torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (9, 6))
+    contexts = [c1, c2, c1, c2]
+    targets = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (4, 3, 5, 2)]
+    prefilled = None
+    if prefill:
+        engine = ENGINES.get("cached")(model, tokenizer)
+        engine.decode([c1, c2], SamplingParams(n=1, max_new_tokens=2, temperature=0.0))
+        prefilled = engine.prefilled
+    events: list[tuple[str, int]] = []
+
+    def forward(index: int) -> None:
+        events.append(("forward" if torch.is_grad_enabled() else "no-grad", index))
+
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        projection = layer.self_attn.q_proj
+        handles += [
+            projection.register_forward_pre_hook(lambda *_, i=index: forward(i)),
+            projection.register_full_backward_hook(lambda *_, i=index: events.append(("backward", i))),
+        ]
+    model.zero_grad()
+    try:
+        loss_of = lambda rows, lps: sum(lp.sum() for lp in lps)  # noqa: E731
+        backward_target_logprobs(model, contexts, targets, range(4), loss_of, prefilled=prefilled)
+    finally:
+        for handle in handles:
+            handle.remove()
+    model.zero_grad()
+    layers = range(len(model.model.layers))
+    first_run = [] if prefill else [("no-grad", i) for i in layers]
+    targets_pass = [("forward", i) for i in layers] + [("backward", i) for i in reversed(layers)]
+    contexts_back = [event for i in reversed(layers) for event in (("forward", i), ("backward", i))]
+    assert events == first_run + targets_pass + contexts_back

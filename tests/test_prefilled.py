@@ -7,6 +7,7 @@ from incentive.engines import ENGINES, SamplingParams
 from incentive.engines.prefilled import PrefilledPrompts, weights_version
 from incentive.lm_head import head_for
 from incentive.logprobs import _SharedContext, backward_target_logprobs, left_padded
+from incentive.models.packed_body import PackedBody
 
 
 def _contexts(n: int = 3) -> list[list[int]]:
@@ -23,21 +24,28 @@ def _prefill(model, tokenizer, contexts, **engine_args):
 def _computed(model, contexts):
     head = head_for(model)
     with torch.no_grad():
-        ctx = _SharedContext(head, contexts, range(len(contexts)))
-    return ctx.cache, ctx.last
+        packed = PackedBody.for_model(model)
+        ctx = _SharedContext(head, contexts, range(len(contexts)), packed=packed, record=True)
+    return ctx.cache, ctx.last, ctx.inputs
 
 
 def test_taken_prefill_equals_what_the_update_computes(tiny):
     """All prompts, a subset whose longest is shorter than the prefill's (the padding columns go), and another
-    order: keys, values and last states equal the update's own run of those prompts."""
+    order: keys, values, last states and the layers' inputs at the real tokens equal the update's own run of
+    those prompts."""
     model, tokenizer = tiny
     contexts = _contexts()
     engine = _prefill(model, tokenizer, contexts)
     for wanted in (contexts, [contexts[2], contexts[1]], [contexts[1]]):
         order = [tuple(c) for c in wanted]
-        cache, last = engine.prefilled.take(model, order)
-        want_cache, want_last = _computed(model, wanted)
+        cache, last, inputs = engine.prefilled.take(model, order)
+        want_cache, want_last, want_inputs = _computed(model, wanted)
         torch.testing.assert_close(last, want_last, rtol=1e-5, atol=1e-5)
+        real = left_padded(wanted)[1].bool()
+        assert len(inputs) == len(want_inputs) == len(model.model.layers)
+        for got, want in zip(inputs, want_inputs, strict=True):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
         for layer, want in zip(cache.layers, want_cache.layers, strict=True):
             assert layer.keys.shape == want.keys.shape
             torch.testing.assert_close(layer.keys, want.keys, rtol=1e-5, atol=1e-5)
@@ -78,7 +86,7 @@ def test_kept_only_within_budget_for_fp32_policies_without_dropout(tiny):
     assert bf16.prefilled.take(model, order) is None
     dropout = PrefilledPrompts(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
     ids, mask, positions = left_padded(contexts)
-    cache, last = _computed(model, contexts)
+    cache, last, _ = _computed(model, contexts)
     dropout.put(contexts, cache, last)
     assert dropout.entries == []
 
@@ -134,7 +142,7 @@ def test_a_lora_policy_takes_its_merged_prefill(tiny):
     order = [tuple(engine.encode(p)) for p in prompts]
     kept = engine.prefilled.take(policy, order)
     assert kept is not None and engine.prefilled.version is None
-    want_cache, want_last = _computed(policy, [list(c) for c in order])
+    want_cache, want_last, _ = _computed(policy, [list(c) for c in order])
     torch.testing.assert_close(kept[1], want_last, rtol=1e-4, atol=1e-5)
     for layer, want in zip(kept[0].layers, want_cache.layers, strict=True):
         torch.testing.assert_close(layer.keys, want.keys, rtol=1e-4, atol=1e-5)

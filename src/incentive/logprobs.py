@@ -11,6 +11,7 @@ in input order.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -27,7 +28,7 @@ from incentive.lm_head import FusedHead, LogitsHead, head_for, target_logprobs_f
 from incentive.models.packed_body import PackedBody, PackedRows, recomputes_layers
 
 if TYPE_CHECKING:
-    from incentive.engines.prefilled import PrefilledPrompts
+    from incentive.engines.prefilled import Prefill, PrefilledPrompts
 
 # One more forward pass costs about this many padded tokens: on the benchmark workload (16 completions of
 # 8-64 tokens) 64 cut a forward+backward from 4.2 s to 3.3 s; 16 and 256 were slower.
@@ -175,11 +176,14 @@ def backward_target_logprobs(
     that share a context run on the context's KV cache in passes (packed, up to ``PACKED_TRAINING_TOKENS``
     targets, or length buckets of up to ``TRAINING_BUCKET_TOKENS`` padded ones), each pass's backward before the
     next one's forward, so only one pass's activations are alive at a time. The context runs first without
-    gradient; the gradient reaching its KV cache is summed over the passes in a fixed order, and at the end the
-    context runs again with gradient and the sum goes back through it (one more context forward, and the
-    context's activations are never alive together with a pass's). The vocabulary-sized weight gradients go
-    straight into ``.grad`` (:mod:`incentive.grad_in_place`). The context's first run is taken from
-    ``prefilled`` where that holds it for the current weights (the engine's prefill before sampling). Rows whose
+    gradient; the gradient reaching its KV cache is summed over the passes in a fixed order, and at the end it
+    goes back through the context: where targets run packed, the context's layers run again one at a time from
+    the inputs its first run recorded, each layer's backward before the next one down
+    (:meth:`incentive.models.packed_body.PackedBody.backward_contexts`: one layer's activations alive), else
+    the context runs again with gradient (one more forward, all its activations alive). The vocabulary-sized
+    weight gradients go straight into ``.grad`` (:mod:`incentive.grad_in_place`). The context's first run is
+    taken from ``prefilled`` where that holds it for the current weights (the engine's prefill before
+    sampling, which records the layer inputs too). Rows whose
     contexts all differ run as whole rows in one pass, unless the model recomputes its layers
     (:func:`incentive.models.packed_body.recompute_layers`): then they too run in passes, to bound memory.
     """
@@ -206,18 +210,25 @@ def _backward_target_logprobs(
     take = None
     if prefilled is not None and isinstance(head, FusedHead):
         take = functools.partial(prefilled.take, model)
+    packed = _packed_body(model, head)
     with torch.no_grad():
-        context = _SharedContext(head, contexts, indices, take, _packed_body(model, head))
+        context = _SharedContext(head, contexts, indices, take, packed, record=packed is not None)
     leaves = [*_cache_tensors(context.cache), context.last]
     for leaf in leaves:
         leaf.requires_grad_(True)
     total = 0.0
-    cap = TRAINING_BUCKET_TOKENS if context.packed is None else PACKED_TRAINING_TOKENS
+    cap = TRAINING_BUCKET_TOKENS if packed is None else PACKED_TRAINING_TOKENS
     for group in context.passes([len(targets[i]) for i in indices], cap):
         rows = [indices[k] for k in group]
         loss = loss_of(rows, context.target_logprobs(head, rows, targets, temperature))
         loss.backward()
         total += float(loss.detach())
+    if packed is not None and context.inputs:
+        kv_grads = [(keys.grad, values.grad) for keys, values in _cache_kv(context.cache)]
+        packed.backward_contexts(
+            head.embed, list(context.order), context.mask, context.inputs, kv_grads, context.last.grad
+        )
+        return total
     again = _SharedContext(head, contexts, indices)
     sent = [
         (source, leaf.grad)
@@ -237,12 +248,15 @@ class _SharedContext:
         head: LogitsHead | FusedHead,
         contexts: Sequence[Sequence[int]],
         indices: Sequence[int],
-        take: Callable[[list[tuple[int, ...]]], tuple[Cache, torch.Tensor] | None] | None = None,
+        take: Callable[[list[tuple[int, ...]]], Prefill | None] | None = None,
         packed: PackedBody | None = None,
+        record: bool = False,
     ) -> None:
         """``take`` may give the contexts' cache and last states as they would be computed here (see
         :meth:`incentive.engines.prefilled.PrefilledPrompts.take`), in which case they are not run. With
-        ``packed``, targets run packed (:mod:`incentive.models.packed_body`), else right-padded."""
+        ``packed``, targets run packed (:mod:`incentive.models.packed_body`), else right-padded; with
+        ``record`` too, ``inputs`` holds each layer's input hidden states (from the run, or from ``take``
+        where it kept them) for :meth:`~incentive.models.packed_body.PackedBody.backward_contexts`."""
         order: dict[tuple[int, ...], int] = {}
         for i in indices:
             order.setdefault(tuple(contexts[i]), len(order))
@@ -251,12 +265,17 @@ class _SharedContext:
         self.packed = packed
         ids, self.mask, positions = left_padded(list(order))
         kept = take(list(order)) if take is not None else None
+        self.inputs: list[torch.Tensor] = []
         if kept is not None:
-            self.cache, self.last = kept
+            self.cache, self.last, self.inputs = kept
         else:
-            self.cache, self.last = head.run(
-                1, input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True
-            )
+            recording = packed is not None and record
+            with packed.recording_inputs() if recording else contextlib.nullcontext([]) as self.inputs:
+                self.cache, self.last = head.run(
+                    1, input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True
+                )
+        if not record:
+            self.inputs = []
 
     def passes(self, lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:
         """Positions of ``lengths`` (target lengths) grouped into passes of at most ``max_tokens`` target

@@ -3,6 +3,7 @@ rows leave the batch, and there is no per-step ``generate`` machinery. Greedy ou
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from incentive.engines.kv import preallocate
 from incentive.engines.low_precision import LowPrecisionCopy
 from incentive.kernels import build
 from incentive.logprobs import left_padded
+from incentive.models.packed_body import PackedBody
 from incentive.rollout.types import Completion
 
 if TYPE_CHECKING:
@@ -175,9 +177,11 @@ class CachedEngine(Engine):
         ids, mask, positions = left_padded(list(contexts))
         step = DecodeStep.for_model(model)
         if step is not None:
-            cache, last, logits = step.prefill(ids, mask, positions)
+            packed = PackedBody.for_model(model) if self.low_precision is None else None
+            with packed.recording_inputs() if packed is not None else contextlib.nullcontext([]) as inputs:
+                cache, last, logits = step.prefill(ids, mask, positions)
             if self.low_precision is None:
-                self.prefilled.put(contexts, cache, last)
+                self.prefilled.put(contexts, cache, last, inputs)
         else:
             out = model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1

@@ -20,6 +20,7 @@ import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache
@@ -34,12 +35,25 @@ class _Entry:
     rows: dict[tuple[int, ...], int]
     cache: Cache
     last: torch.Tensor
+    inputs: list[torch.Tensor]
     nbytes: int
+
+
+class Prefill(NamedTuple):
+    """Taken rows of a prefill: the cache, the last states and each layer's input hidden states [prompts,
+    width, hidden] (empty where the prefill did not record them)."""
+
+    cache: Cache
+    last: torch.Tensor
+    inputs: list[torch.Tensor]
 
 
 class PrefilledPrompts:
     """Prefills of left-padded prompts on ``model``: per layer keys and values ``[prompts, kv heads, width,
-    head dim]`` and the final hidden state of each prompt's last token ``[prompts, 1, d]``."""
+    head dim]``, the final hidden state of each prompt's last token ``[prompts, 1, d]`` and, where the
+    prefill recorded them, each layer's input hidden states ``[prompts, width, d]`` (the update runs the
+    prompts' layers again from them one at a time, see
+    :meth:`incentive.models.packed_body.PackedBody.backward_contexts`)."""
 
     def __init__(self, model: torch.nn.Module, max_bytes: int = MAX_BYTES) -> None:
         self.model = model
@@ -57,29 +71,36 @@ class PrefilledPrompts:
         finally:
             self.version = None
 
-    def put(self, contexts: Sequence[Sequence[int]], cache: Cache, last: torch.Tensor) -> None:
-        """Keep a prefill of ``contexts`` (left-padded to the longest) made with the current weights."""
+    def put(
+        self,
+        contexts: Sequence[Sequence[int]],
+        cache: Cache,
+        last: torch.Tensor,
+        inputs: Sequence[torch.Tensor] = (),
+    ) -> None:
+        """Keep a prefill of ``contexts`` (left-padded to the longest) made with the current weights, with its
+        layers' inputs where recorded."""
         version = self.version if self.version is not None else weights_version(self.model)
         self.entries = [e for e in self.entries if e.version == version]
         if _has_dropout(self.model):
             return
         kept = copy.copy(cache)
         kept.layers = [copy.copy(layer) for layer in cache.layers]
-        nbytes = last.nbytes + sum(t.nbytes for layer in kept.layers for t in (layer.keys, layer.values))
+        tensors = [last, *inputs, *(t for layer in kept.layers for t in (layer.keys, layer.values))]
+        nbytes = sum(t.nbytes for t in tensors)
         if nbytes + sum(e.nbytes for e in self.entries) > self.max_bytes:
             return
         rows = {tuple(c): i for i, c in enumerate(contexts)}
-        self.entries.append(_Entry(version, rows, kept, last, nbytes))
+        self.entries.append(_Entry(version, rows, kept, last, list(inputs), nbytes))
 
     def clear(self) -> None:
         """Drop every kept prefill (the engine does when told the weights changed)."""
         self.entries = []
 
-    def take(
-        self, model: torch.nn.Module, contexts: Sequence[tuple[int, ...]]
-    ) -> tuple[Cache, torch.Tensor] | None:
-        """The cache and last states of ``contexts`` left-padded to the longest of them, as a prefill of just
-        these would make them, if one kept prefill of ``model``'s current weights holds them all; else None."""
+    def take(self, model: torch.nn.Module, contexts: Sequence[tuple[int, ...]]) -> Prefill | None:
+        """The cache, last states and layer inputs of ``contexts`` left-padded to the longest of them, as a
+        prefill of just these would make them, if one kept prefill of ``model``'s current weights holds them
+        all; else None."""
         if model is not self.model or not contexts or not self.entries:
             return None
         version = weights_version(self.model)
@@ -94,7 +115,8 @@ class PrefilledPrompts:
                 start = layer.keys.shape[-2] - width
                 layer.keys = layer.keys.narrow(-2, start, width).index_select(0, rows)
                 layer.values = layer.values.narrow(-2, start, width).index_select(0, rows)
-            return cache, entry.last.index_select(0, rows)
+            inputs = [t.narrow(1, t.shape[1] - width, width).index_select(0, rows) for t in entry.inputs]
+            return Prefill(cache, entry.last.index_select(0, rows), inputs)
         return None
 
 

@@ -16,6 +16,11 @@ outputs, SwiGLU product and attention output are still not kept but made again i
 it keeps anyway (:mod:`incentive.models.lean_saves`; the fused norm and MLP modules mark theirs, the body its
 attention output): a few element-wise passes for four fewer activations per
 layer, with the same gradients bit for bit.
+
+The contexts the targets continue take their gradient last, through :meth:`PackedBody.backward_contexts`: their
+layers run again one at a time, packed, from the input hidden states that the contexts' first (gradient-free)
+forward recorded, each layer's backward pass before the next layer down, so a context keeps one layer's
+activations alive instead of all of them, for no more compute than a forward with gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +177,20 @@ class PackedBody:
         rows: PackedRows,
     ) -> torch.Tensor:
         """One decoder layer on the packed tokens ``hidden`` [tokens, hidden size]."""
+        return self._layer_kv(layer, hidden, cos, sin, keys, values, rows)[0]
+
+    def _layer_kv(
+        self,
+        layer: torch.nn.Module,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: PackedRows,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_layer`'s output and the packed tokens' own keys (rotated) and values [tokens, kv heads,
+        head dim], as a cache would keep them."""
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
         shape = (len(x), -1, attention.head_dim)
@@ -182,7 +201,75 @@ class PackedBody:
         outs = [_attend(group, q, k, v, keys, values, attention.scaling) for group in rows.groups]
         attended = remade(_gathered(outs, rows.groups), functools.partial(_gathered, outs, rows.groups))
         hidden = hidden + attention.o_proj(attended)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), k, v
+
+    @contextlib.contextmanager
+    def recording_inputs(self) -> Iterator[list[torch.Tensor]]:
+        """Inside, a forward of the model (its own, left-padded) appends each decoder layer's input hidden
+        states [rows, width, hidden size] to the list given: what :meth:`backward_contexts` needs to run the
+        layers again one at a time."""
+        inputs: list[torch.Tensor] = []
+
+        def record(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.body.layers]
+        try:
+            yield inputs
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def backward_contexts(
+        self,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        contexts: Sequence[Sequence[int]],
+        mask: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        kv_grads: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
+        last_grad: torch.Tensor | None,
+    ) -> None:
+        """Send the gradients of left-padded contexts' KV cache (per layer, [contexts, kv heads, width, head
+        dim]) and of their last tokens' final states ([contexts, 1, hidden]) back into the parameters, one
+        layer at a time from the top: each layer runs again on its recorded input (``inputs``, from
+        :meth:`recording_inputs`; ``mask`` [contexts, width] marks the real tokens), packed, and its backward
+        pass runs before the next layer down is made. Only one layer's activations are alive at a time, where
+        a forward of all layers with gradient keeps them all; the compute is the same (one forward, one
+        backward). ``embed`` gives the token embeddings, with gradient where they are trained."""
+        count, width = mask.shape
+        real = mask.flatten().nonzero().squeeze(1)
+        rows = PackedRows.build(contexts, [0] * count, list(range(count)), mask[:, :0], [count])
+
+        def packed(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(count * width, *t.shape[2:]).index_select(0, real)
+
+        first = packed(inputs[0])
+        cos, sin = self.body.rotary_emb(first[None], rows.positions[None])
+        cos, sin = cos[0], sin[0]
+        lasts = torch.tensor(rows.lengths).cumsum(0) - 1
+        top = len(self.body.layers) - 1
+        embedding = self.body.get_input_embeddings()
+        grad = None if last_grad is None else last_grad[:, -1]
+        for index in range(top, -1, -1):
+            layer = self.body.layers[index]
+            wanted = index > 0 or embedding.weight.requires_grad
+            hidden = (first if index == 0 else packed(inputs[index])).requires_grad_(wanted)
+            attention = layer.self_attn
+            empty = hidden.new_zeros(count, attention.config.num_key_value_heads, 0, attention.head_dim)
+            out, k, v = self._layer_kv(layer, hidden, cos, sin, empty, empty, rows)
+            if index == top:
+                out = self.body.norm(out.index_select(0, lasts))
+            pairs = zip((k, v), kv_grads[index], strict=True)
+            sent = [(t, packed(g.transpose(1, 2))) for t, g in pairs if g is not None]
+            if grad is not None:
+                sent.append((out, grad))
+            sent = [(t, g) for t, g in sent if t.requires_grad]
+            if sent:
+                torch.autograd.backward([t for t, _ in sent], [g for _, g in sent])
+            grad = hidden.grad if wanted else None
+        if grad is not None:
+            ids = torch.tensor([token for context in contexts for token in context], dtype=torch.long)
+            torch.autograd.backward([embed(ids)], [grad])
 
 
 def _gathered(outs: Sequence[torch.Tensor], groups: Sequence[_AttentionGroup]) -> torch.Tensor:

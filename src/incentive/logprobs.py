@@ -183,9 +183,9 @@ def backward_target_logprobs(
     the context runs again with gradient (one more forward, all its activations alive). The vocabulary-sized
     weight gradients go straight into ``.grad`` (:mod:`incentive.grad_in_place`). The context's first run is
     taken from ``prefilled`` where that holds it for the current weights (the engine's prefill before
-    sampling, which records the layer inputs too). Rows whose
-    contexts all differ run as whole rows in one pass, unless the model recomputes its layers
-    (:func:`incentive.models.packed_body.recompute_layers`): then they too run in passes, to bound memory.
+    sampling, which records the layer inputs too). Rows whose contexts all differ run as whole rows in one
+    pass, unless the model recomputes its layers (:func:`incentive.models.packed_body.recompute_layers`): then
+    they too run in passes, to bound memory.
     """
     with gradients_in_place():
         return _backward_target_logprobs(model, contexts, targets, indices, loss_of, temperature, prefilled)
@@ -265,17 +265,15 @@ class _SharedContext:
         self.packed = packed
         ids, self.mask, positions = left_padded(list(order))
         kept = take(list(order)) if take is not None else None
-        self.inputs: list[torch.Tensor] = []
+        recording = packed is not None and record
         if kept is not None:
-            self.cache, self.last, self.inputs = kept
+            self.cache, self.last, inputs = kept
         else:
-            recording = packed is not None and record
-            with packed.recording_inputs() if recording else contextlib.nullcontext([]) as self.inputs:
+            with packed.recording_inputs() if recording else contextlib.nullcontext([]) as inputs:
                 self.cache, self.last = head.run(
                     1, input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True
                 )
-        if not record:
-            self.inputs = []
+        self.inputs: list[torch.Tensor] = inputs if recording else []
 
     def passes(self, lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:
         """Positions of ``lengths`` (target lengths) grouped into passes of at most ``max_tokens`` target

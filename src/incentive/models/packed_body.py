@@ -160,24 +160,11 @@ class PackedBody:
             for layer, (keys, values) in zip(self.body.layers, context_kv, strict=True):
                 if recompute:
                     hidden = checkpoint(
-                        self._layer, layer, hidden, cos, sin, keys, values, rows, use_reentrant=False
-                    )
+                        self._layer_kv, layer, hidden, cos, sin, keys, values, rows, use_reentrant=False
+                    )[0]
                 else:
-                    hidden = self._layer(layer, hidden, cos, sin, keys, values, rows)
+                    hidden = self._layer_kv(layer, hidden, cos, sin, keys, values, rows)[0]
         return self.body.norm(hidden)
-
-    def _layer(
-        self,
-        layer: torch.nn.Module,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        rows: PackedRows,
-    ) -> torch.Tensor:
-        """One decoder layer on the packed tokens ``hidden`` [tokens, hidden size]."""
-        return self._layer_kv(layer, hidden, cos, sin, keys, values, rows)[0]
 
     def _layer_kv(
         self,
@@ -189,8 +176,8 @@ class PackedBody:
         values: torch.Tensor,
         rows: PackedRows,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_layer`'s output and the packed tokens' own keys (rotated) and values [tokens, kv heads,
-        head dim], as a cache would keep them."""
+        """One decoder layer on the packed tokens ``hidden`` [tokens, hidden size]: its output and the tokens'
+        own keys (rotated) and values [tokens, kv heads, head dim], as a cache would keep them."""
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
         shape = (len(x), -1, attention.head_dim)

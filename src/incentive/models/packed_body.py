@@ -255,8 +255,7 @@ class PackedBody:
                 torch.autograd.backward([t for t, _ in sent], [g for _, g in sent])
             grad = hidden.grad if wanted else None
         if grad is not None:
-            ids = torch.tensor([token for context in contexts for token in context], dtype=torch.long)
-            torch.autograd.backward([embed(ids)], [grad])
+            torch.autograd.backward([embed(rows.ids)], [grad])
 
 
 def _gathered(outs: Sequence[torch.Tensor], groups: Sequence[_AttentionGroup]) -> torch.Tensor:
